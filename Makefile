@@ -1,0 +1,54 @@
+# misp-dpo: `make mine` runs the demo pipeline, `make train` trains the tiny VLM on it, `make test` runs the tests.
+# Every target that needs Python depends on `install`, which builds .venv from nothing (idempotent).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIPELINE ?= configs/demo.toml
+RUNS ?= runs/demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install mine train report test test-fast lint bench clean
+
+install: $(STAMP)
+
+# torch + torchvision first: on a CPU machine a bare CPU torch breaks torchvision (and open_clip).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch torchvision
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,ray]'
+	touch $(STAMP)
+
+# Headless Chromium renders the HTML report in tests (Debian package; skipped where apt is unavailable).
+$(VENV)/.chromium: | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }; } || true
+	touch $@
+
+mine: install
+	$(BIN)/misp-dpo run $(PIPELINE) --until report
+
+train: install
+	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo
+
+test: install $(VENV)/.chromium
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check misp_dpo tests bench
+	$(BIN)/ruff format --check misp_dpo tests bench
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,bench]'
+	for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

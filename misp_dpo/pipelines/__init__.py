@@ -1,0 +1,1 @@
+"""The staged pipeline: runner, executors, schemas, shard I/O, and one thin wrapper per stage."""

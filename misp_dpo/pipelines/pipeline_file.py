@@ -1,0 +1,78 @@
+"""Pipeline TOML files: one table per stage, in run order, with `{root}`-style variables.
+
+    root = "runs/demo"          # top-level scalars are variables, usable as {root} in any string
+    [synth]
+    out = "{root}/synth"
+    [embed]
+    pairs = "{root}/synth/pairs.parquet"
+    workers = 2                 # run options may be set per stage; flags of `misp-dpo run` win
+
+Tables are read in file order; each is built into the stage's config exactly as its flags would be.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from misp_dpo.config import build_config, flat_fields
+from misp_dpo.errors import UserError
+from misp_dpo.log import LOGGER
+from misp_dpo.pipelines.runner import RunOptions, Stage, run_stage
+from misp_dpo.pipelines.stages import STAGES
+
+
+def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return value.format_map(variables)
+        except KeyError as error:
+            raise UserError(f"{where}: unknown variable {{{error.args[0]}}}; define it at the top of the file")
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    return value
+
+
+def load_pipeline(
+    path: Path, root: str | None = None, overrides: dict[str, Any] | None = None
+) -> list[tuple[Stage[Any], Any, RunOptions]]:
+    """Parse and validate every stage of a pipeline file before any of them runs."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such pipeline file (try configs/demo.toml)")
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path}: not valid TOML ({error})") from None
+    variables = {k: v for k, v in document.items() if not isinstance(v, dict)}
+    if root is not None:
+        variables["root"] = root
+    run_keys = {f.name for f, _ in flat_fields(RunOptions)}
+    stages = []
+    for name, table in ((k, v) for k, v in document.items() if isinstance(v, dict)):
+        if name not in STAGES:
+            raise UserError(f"{path}: [{name}] is not a stage; stages are {', '.join(STAGES)}")
+        where = f"{path} [{name}]"
+        values = {k: _substitute(v, variables, where) for k, v in table.items()}
+        run_values = {k: v for k, v in values.items() if k in run_keys} | (overrides or {})
+        stage = STAGES[name]
+        cfg = build_config(stage.config, {k: v for k, v in values.items() if k not in run_keys}, where)
+        stages.append((stage, cfg, build_config(RunOptions, run_values, where)))
+    return stages
+
+
+def run_pipeline(
+    path: Path, until: str | None = None, root: str | None = None, overrides: dict[str, Any] | None = None
+) -> None:
+    stages = load_pipeline(path, root, overrides)
+    names = [stage.name for stage, _, _ in stages]
+    if until is not None and until not in STAGES:
+        raise UserError(f"--until {until}: not a stage; stages are {', '.join(STAGES)}")
+    if until is not None and until not in names:
+        LOGGER.warning(f"--until {until}: {path} has no [{until}] table; running all of its stages")
+    for stage, cfg, opts in stages:
+        manifest = run_stage(stage, cfg, opts)
+        if manifest is None:  # a Slurm array task finished its share; later stages need every share
+            return
+        if stage.name == until:
+            return
