@@ -31,6 +31,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 
+
 def _cli_type(kind: Any) -> Any:
     """Typer-friendly annotation: tuples travel as comma-separated strings, parsed by `build_config`."""
     origin = get_origin(kind)
@@ -40,6 +41,7 @@ def _cli_type(kind: Any) -> Any:
         inner = [a for a in get_args(kind) if a is not type(None)][0]
         return Optional[_cli_type(inner)]  # noqa: UP045 - typer needs typing.Optional at runtime
     return kind
+
 
 def _parameter(f: dataclasses.Field[Any], kind: Any) -> inspect.Parameter:
     help_text = f.metadata.get("help", "")
@@ -54,6 +56,7 @@ def _parameter(f: dataclasses.Field[Any], kind: Any) -> inspect.Parameter:
         names = [f"{flag}/--no-{flag[2:]}"] if kind is bool and default is True else [flag]
         info = typer.Option(default, *names, help=help_text, show_default=not required)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=_cli_type(kind))
+
 
 def _stage_command(name: str) -> None:
     stage = STAGES[name]
@@ -76,12 +79,16 @@ def _stage_command(name: str) -> None:
     doc = inspect.getdoc(stage) or ""
     app.command(name=name, help=doc, short_help=doc.split("\n")[0])(command)
 
+
 for _name in STAGES:
     _stage_command(_name)
 
+
 @app.command("run")
 def run_command(
-    pipeline: Path = typer.Argument(..., help="pipeline TOML: one table per stage, keys = that stage's flags"),
+    pipeline: Path = typer.Argument(
+        ..., help="pipeline TOML: one table per stage, keys = that stage's flags"
+    ),
     until: Optional[str] = typer.Option(None, help="stop after this stage (e.g. embed)"),  # noqa: UP045
     root: Optional[str] = typer.Option(None, help="override the TOML's `root` variable"),  # noqa: UP045
     executor: Optional[str] = typer.Option(None, help="local | slurm | ray, for every stage"),  # noqa: UP045
@@ -93,8 +100,16 @@ def run_command(
     from misp_dpo.pipelines.pipeline_file import run_pipeline
 
     configure_logging(log_format)  # type: ignore[arg-type]
-    overrides = {"executor": executor, "workers": workers, "overwrite": overwrite or None, "log_format": log_format}
-    run_pipeline(pipeline, until=until, root=root, overrides={k: v for k, v in overrides.items() if v is not None})
+    overrides = {
+        "executor": executor,
+        "workers": workers,
+        "overwrite": overwrite or None,
+        "log_format": log_format,
+    }
+    run_pipeline(
+        pipeline, until=until, root=root, overrides={k: v for k, v in overrides.items() if v is not None}
+    )
+
 
 @app.command("validate")
 def validate_command(folder: Path = typer.Argument(..., help="a stage output folder")) -> None:
@@ -109,10 +124,12 @@ def validate_command(folder: Path = typer.Argument(..., help="a stage output fol
     if problems:
         raise typer.Exit(1)
 
+
 @app.command("version")
 def version_command() -> None:
     """Print the installed version."""
     print(__version__)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""

@@ -21,9 +21,7 @@ T = TypeVar("T")
 _MISSING: Any = dataclasses.MISSING
 
 
-def option(
-    default: Any = _MISSING, help: str = "", *, argument: bool = False, hashed: bool = True
-) -> Any:
+def option(default: Any = _MISSING, help: str = "", *, argument: bool = False, hashed: bool = True) -> Any:
     """A documented config field. `argument=True` makes it positional on the command line."""
     metadata = {"help": help, "argument": argument, "hashed": hashed}
     if isinstance(default, (list, dict, set)):
@@ -79,7 +77,9 @@ def build_config(cls: type[T], values: dict[str, Any], where: str = "config") ->
     known = {f.name for f, _ in flat_fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

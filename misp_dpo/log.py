@@ -1,4 +1,4 @@
-"""The package's one logger and its progress bars: readable text and a bar on a terminal, JSON lines otherwise."""
+"""The package's one logger and its progress bars: text and bars on a terminal, JSON lines otherwise."""
 
 from __future__ import annotations
 

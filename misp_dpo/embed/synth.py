@@ -24,10 +24,20 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "position": ("top left", "top right", "bottom left", "bottom right"),
     "background": ("white", "black", "gray", "striped"),
 }
-_RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-        "purple": (150, 60, 190)}
+_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+}
 _BACKGROUND = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
-_CENTRES = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+_CENTRES = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+}
 _RADIUS = {"small": 0.12, "large": 0.21}
 
 
@@ -39,7 +49,10 @@ class SynthItem:
 
 
 def caption(attrs: dict[str, str]) -> str:
-    return f"a {attrs['size']} {attrs['color']} {attrs['shape']} at the {attrs['position']} on a {attrs['background']} background"
+    return (
+        f"a {attrs['size']} {attrs['color']} {attrs['shape']} at the {attrs['position']} "
+        f"on a {attrs['background']} background"
+    )
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -49,11 +62,26 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         corners = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
     elif shape == "star":
         radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
-        corners = [(q * math.cos(a), q * math.sin(a)) for q, a in zip(radii, np.arange(10) * math.pi / 5)]
+        corners = [
+            (q * math.cos(a), q * math.sin(a))
+            for q, a in zip(radii, np.arange(10) * math.pi / 5, strict=True)
+        ]
     elif shape == "cross":
         w = r * 0.35
-        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w),
-                   (-r, -w), (-w, -w)]
+        corners = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"no polygon for {shape}")
     c, s = math.cos(angle), math.sin(angle)

@@ -144,6 +144,61 @@ def vectors_to_numpy(column: pa.Array | pa.ChunkedArray, dtype: np.dtype | type 
     return flat.reshape(-1, width).astype(dtype, copy=False)
 
 
-def numpy_to_vectors(matrix: np.ndarray, dtype: pa.DataType = pa.float16()) -> pa.FixedSizeListArray:
-    matrix = np.ascontiguousarray(matrix, dtype=dtype.to_pandas_dtype())
+def numpy_to_vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """An (n, D) array as a float16 fixed_size_list column (the on-disk embedding type)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float16)
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def iter_row_range(
+    paths: list[Path],
+    rows_per_path: list[int],
+    lo: int,
+    hi: int,
+    columns: list[str] | None = None,
+    batch_size: int = 8192,
+) -> Iterator[pa.RecordBatch]:
+    """Stream global rows [lo, hi) of shards read back to back, touching only the row groups needed.
+
+    Downstream stages shard their work by global row range, independently of how many tasks wrote
+    their input, so this is how task *i* of a stage finds its rows.
+    """
+    start = 0
+    for path, count in zip(paths, rows_per_path, strict=True):
+        end = start + count
+        if end > lo and start < hi:
+            skip, stop = max(lo - start, 0), min(hi, end) - start
+            position = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+                b_lo, b_hi = max(skip - position, 0), min(stop - position, batch.num_rows)
+                if b_hi > b_lo:
+                    yield batch.slice(b_lo, b_hi - b_lo)
+                position += batch.num_rows
+                if position >= stop:
+                    break
+        start = end
+
+
+def task_rows(total: int, task: int, num_tasks: int) -> tuple[int, int]:
+    """The contiguous global row range [lo, hi) of `task`: sizes differ by at most one row."""
+    return task * total // num_tasks, (task + 1) * total // num_tasks
+
+
+def fixed_width_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Equal-length ASCII ids (sha1 hex) as a numpy bytes array, zero-copy where possible.
+
+    Sorting and `searchsorted` on this array replace a Python dict from id to row, which would cost
+    ~100 bytes per entry and Python-speed lookups at a million images.
+    """
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
+    if len(ids) == 0:
+        return np.zeros(0, dtype="S1")
+    ids = ids.cast(pa.string())
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
+    widths = np.diff(offsets)
+    if ids.null_count or widths.min() != widths.max() or widths[0] == 0:
+        return np.asarray(ids.to_numpy(zero_copy_only=False), dtype="S")
+    width = int(widths[0])
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.view(f"S{width}")

@@ -12,9 +12,10 @@ Tables are read in file order; each is built into the stage's config exactly as 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from misp_dpo.config import build_config, flat_fields
 from misp_dpo.errors import UserError
@@ -28,7 +29,9 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
         try:
             return value.format_map(variables)
         except KeyError as error:
-            raise UserError(f"{where}: unknown variable {{{error.args[0]}}}; define it at the top of the file")
+            raise UserError(
+                f"{where}: unknown variable {{{error.args[0]}}}; define it at the top of the file"
+            ) from None
     if isinstance(value, list):
         return [_substitute(v, variables, where) for v in value]
     return value

@@ -182,7 +182,7 @@ def run_one_task(stage: Stage[C], cfg: C, plan: Plan, chash: str, task: int) -> 
     stage.run_task(cfg, plan, ctx)
     shards, files = ctx.records()
     if ctx.failures:
-        item, reason, detail = (list(column) for column in zip(*ctx.failures))
+        item, reason, detail = (list(column) for column in zip(*ctx.failures, strict=True))
         table = pa.table({"item": item, "reason": reason, "detail": detail}, schema=schemas.FAILURES)
         write_table(table, out / FAILURES_DIR / numbered(task, "parquet"), schemas.FAILURES)
     stats = {
@@ -226,9 +226,13 @@ def prepare_output(stage: Stage[C], cfg: C, chash: str, overwrite: bool) -> Mani
         if (out / MANIFEST).is_file():
             return read_manifest(out, stage.name)
     elif out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists, is not empty and is not a misp-dpo output; choose another folder")
+        raise UserError(
+            f"--out {out}: exists, is not empty and is not a misp-dpo output; choose another folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"stage": stage.name, "config": to_dict(cfg, hashed_only=True), "config_hash": chash}, run_file)
+    write_json(
+        {"stage": stage.name, "config": to_dict(cfg, hashed_only=True), "config_hash": chash}, run_file
+    )
     return None
 
 
@@ -239,9 +243,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
 
 
-def finalize(
-    stage: Stage[C], cfg: C, plan: Plan, chash: str, max_failure_rate: float
-) -> Manifest | None:
+def finalize(stage: Stage[C], cfg: C, plan: Plan, chash: str, max_failure_rate: float) -> Manifest | None:
     """Merge the tasks' stats into the manifest once every task is complete; idempotent."""
     out = cfg.out
     if not all(task_done(out, t, chash) for t in range(plan.num_tasks)):
@@ -287,8 +289,10 @@ def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
     from misp_dpo.pipelines.executors import execute
 
     if opts.overwrite and opts.executor == "slurm":
-        raise UserError("--overwrite with --executor slurm would let array tasks delete each other's work; "
-                        "delete the output folder before submitting instead")
+        raise UserError(
+            "--overwrite with --executor slurm would let array tasks delete each other's work; "
+            "delete the output folder before submitting instead"
+        )
     plan = stage.plan(cfg)
     chash = config_hash(stage, cfg, plan)
     done = prepare_output(stage, cfg, chash, opts.overwrite)

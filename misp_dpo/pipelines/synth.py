@@ -16,8 +16,9 @@ from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext
 
 @dataclass(frozen=True, kw_only=True)
 class SynthConfig(StageConfig):
-    out: Path = option(help="output folder for images/, pairs.parquet and attributes.parquet", argument=True,
-                       hashed=False)
+    out: Path = option(
+        help="output folder for images/, pairs.parquet and attributes.parquet", argument=True, hashed=False
+    )
     n: int = option(4000, "number of images (one preference pair each); ~n/800 share every attribute")
 
     def __post_init__(self) -> None:

@@ -93,8 +93,9 @@ def test_slurm_array_tasks_split_the_work_and_the_last_one_finalizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert slurm_tasks(10, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}) == [1, 4, 7]
-    assert slurm_tasks(10, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
-                            "SLURM_ARRAY_TASK_MIN": "4"}) == [1, 4, 7]
+    assert slurm_tasks(
+        10, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "4"}
+    ) == [1, 4, 7]
     with pytest.raises(UserError, match="SLURM_ARRAY_TASK_ID"):
         slurm_tasks(10, {})
     local = tmp_path / "local"

@@ -10,7 +10,9 @@ import pyarrow as pa
 from misp_dpo.config import option
 from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext
 
-SCHEMA = pa.schema([pa.field("x", pa.int64()), pa.field("square", pa.int64())], metadata={b"misp_dpo.schema": b"toy/1"})
+SCHEMA = pa.schema(
+    [pa.field("x", pa.int64()), pa.field("square", pa.int64())], metadata={b"misp_dpo.schema": b"toy/1"}
+)
 CRASH_ENV = "TOY_STAGE_CRASH_AT_TASK"
 
 
