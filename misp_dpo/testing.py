@@ -177,4 +177,5 @@ def write_candidates(
         schema=schemas.CANDIDATES,
     )
     inputs = {"embeddings": manifest_hash(embeddings.root)}
-    return write_prewritten(out, "candidates", {"candidates": table}, tasks, dict(embeddings.meta), inputs)
+    meta = {**embeddings.meta, "embeddings_dir": str(embeddings.root.resolve())}
+    return write_prewritten(out, "candidates", {"candidates": table}, tasks, meta, inputs)

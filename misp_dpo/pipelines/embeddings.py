@@ -112,3 +112,23 @@ def pair_shards(manifest: Manifest) -> tuple[list[Path], list[int]]:
     """The `pairs-*` shards and their row counts, for `iter_row_range`."""
     paths = manifest.shard_paths("pairs")
     return paths, [pq.ParquetFile(p).metadata.num_rows for p in paths]
+
+
+def upstream_embeddings(manifest: Manifest, flag: str) -> tuple[Manifest, ClipModelInfo]:
+    """The embeddings a later output (candidates, sae) was made from, checked against its recorded hash.
+
+    Such outputs record `meta["embeddings_dir"]` and `inputs["embeddings"]`, so `mine` needs only
+    `--candidates` and `--sae` and still refuses embeddings changed since.
+    """
+    from misp_dpo.pipelines.manifest import manifest_hash
+
+    where = f"{flag} {manifest.root}"
+    folder = manifest.meta.get("embeddings_dir")
+    if not folder:
+        raise UserError(f"{where}: manifest does not name its embeddings folder; rerun that stage")
+    embeddings, clip = read_embeddings(Path(folder), f"{where} -> embeddings")
+    if manifest_hash(embeddings.root) != manifest.inputs.get("embeddings"):
+        raise UserError(
+            f"{where}: its embeddings {folder} changed after it was made; rerun it with --overwrite"
+        )
+    return embeddings, clip

@@ -49,3 +49,18 @@ def test_pools_from_other_embeddings_are_refused(tmp_path: Path) -> None:
     candidates = write_candidates(tmp_path / "cand", emb_a, np.tile(np.arange(5, 8), (5, 1)), images)
     with pytest.raises(UserError, match="5 pools for 6 pairs"):
         list(iter_pools(candidates, emb_b, ImageStore.load(emb_b), 0, 6))
+
+
+def test_upstream_embeddings_are_found_and_checked(tmp_path: Path) -> None:
+    from misp_dpo.pipelines.embeddings import upstream_embeddings
+
+    rng = np.random.default_rng(2)
+    images, _ = clustered_unit_vectors(10, 4, 2, 0.3, rng)
+    embeddings = write_embeddings(tmp_path / "emb", images, np.arange(3), images[:3], images[:3])
+    candidates = write_candidates(tmp_path / "cand", embeddings, np.tile(np.arange(5, 8), (3, 1)), images)
+    found, clip = upstream_embeddings(candidates, "--candidates")
+    assert found.root == (tmp_path / "emb").resolve() and clip.dim == 4
+    manifest_file = tmp_path / "emb" / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text() + " ")
+    with pytest.raises(UserError, match="changed after it was made"):
+        upstream_embeddings(candidates, "--candidates")
