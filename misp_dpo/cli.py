@@ -90,11 +90,27 @@ def run_command(
         ..., help="pipeline TOML: one table per stage, keys = that stage's flags"
     ),
     until: Optional[str] = typer.Option(None, help="stop after this stage (e.g. embed)"),  # noqa: UP045
+    only: Optional[str] = typer.Option(None, help="run just this stage of the file"),  # noqa: UP045
     root: Optional[str] = typer.Option(None, help="override the TOML's `root` variable"),  # noqa: UP045
     executor: Optional[str] = typer.Option(None, help="local | slurm | ray, for every stage"),  # noqa: UP045
     workers: Optional[int] = typer.Option(None, help="concurrent tasks, for every stage"),  # noqa: UP045
     overwrite: bool = typer.Option(False, help="redo stages whose config changed"),
     log_format: str = typer.Option("auto", help="auto | text | json"),
+    ray_address: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="--executor ray: address of an existing Ray cluster (default: start a local one)"
+    ),
+    finalize_only: bool = typer.Option(
+        False, help="only merge finished tasks' stats into each stage's manifest (Slurm merge jobs)"
+    ),
+    submit: bool = typer.Option(False, help="--executor slurm: write one sbatch array per stage and submit"),
+    dry_run: bool = typer.Option(False, help="--executor slurm: print the sbatch scripts, submit nothing"),
+    slurm: list[str] = typer.Option(  # noqa: B006
+        [],
+        help="KEY=VALUE of the TOML's slurm table, for every stage (e.g. partition=gpu); wins over the TOML",
+    ),
+    max_array_size: Optional[int] = typer.Option(  # noqa: UP045
+        None, help="largest Slurm array (default: MaxArraySize from scontrol, else 1001)"
+    ),
 ) -> None:
     """Run the stages of a pipeline TOML in order, skipping those already complete."""
     from misp_dpo.pipelines.pipeline_file import run_pipeline
@@ -105,10 +121,26 @@ def run_command(
         "workers": workers,
         "overwrite": overwrite or None,
         "log_format": log_format,
+        "ray_address": ray_address,
+        "finalize_only": finalize_only or None,
     }
-    run_pipeline(
-        pipeline, until=until, root=root, overrides={k: v for k, v in overrides.items() if v is not None}
-    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if submit or dry_run:
+        from misp_dpo.pipelines.slurm_submit import submit_pipeline
+
+        text = submit_pipeline(
+            pipeline,
+            dry_run=dry_run,
+            max_array_size=max_array_size,
+            slurm_flags=slurm,
+            until=until,
+            only=only,
+            root=root,
+            overrides=overrides,
+        )
+        print(text, end="")
+        return
+    run_pipeline(pipeline, until=until, only=only, root=root, overrides=overrides)
 
 
 @app.command("validate")

@@ -61,6 +61,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         inner = get_args(kind)[0]
+        if isinstance(value, str) and inner in (int, float):  # "1,0.5" from a flag
+            try:
+                items = [inner(item.strip()) for item in items]
+            except ValueError:
+                raise UserError(f"{where}: expected numbers separated by commas, got {value!r}") from None
         return tuple(_coerce(item, inner, where) for item in items)
     if kind is Path:
         return Path(value)

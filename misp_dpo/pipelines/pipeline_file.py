@@ -8,6 +8,8 @@
     workers = 2                 # run options may be set per stage; flags of `misp-dpo run` win
 
 Tables are read in file order; each is built into the stage's config exactly as its flags would be.
+A `[slurm]` table (with `[slurm.STAGE]` overrides) is not a stage: it sets the resources of the
+generated sbatch scripts (see `misp_dpo.pipelines.slurm`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from misp_dpo.log import LOGGER
 from misp_dpo.pipelines.runner import RunOptions, Stage, run_stage
 from misp_dpo.pipelines.stages import STAGES
 
+SECTIONS = ("slurm",)  # top-level tables that are settings, not stages
+
 
 def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     if isinstance(value, str):
@@ -37,10 +41,8 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     return value
 
 
-def load_pipeline(
-    path: Path, root: str | None = None, overrides: dict[str, Any] | None = None
-) -> list[tuple[Stage[Any], Any, RunOptions]]:
-    """Parse and validate every stage of a pipeline file before any of them runs."""
+def read_pipeline(path: Path, root: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parsed document and its variables (`root` overridden when given)."""
     if not path.is_file():
         raise UserError(f"{path}: no such pipeline file (try configs/demo.toml)")
     try:
@@ -50,13 +52,25 @@ def load_pipeline(
     variables = {k: v for k, v in document.items() if not isinstance(v, dict)}
     if root is not None:
         variables["root"] = root
+    return document, variables
+
+
+def substitute_table(table: dict[str, Any], variables: dict[str, Any], where: str) -> dict[str, Any]:
+    return {k: _substitute(v, variables, where) for k, v in table.items()}
+
+
+def load_pipeline(
+    path: Path, root: str | None = None, overrides: dict[str, Any] | None = None
+) -> list[tuple[Stage[Any], Any, RunOptions]]:
+    """Parse and validate every stage of a pipeline file before any of them runs."""
+    document, variables = read_pipeline(path, root)
     run_keys = {f.name for f, _ in flat_fields(RunOptions)}
     stages = []
-    for name, table in ((k, v) for k, v in document.items() if isinstance(v, dict)):
+    for name, table in ((k, v) for k, v in document.items() if isinstance(v, dict) and k not in SECTIONS):
         if name not in STAGES:
             raise UserError(f"{path}: [{name}] is not a stage; stages are {', '.join(STAGES)}")
         where = f"{path} [{name}]"
-        values = {k: _substitute(v, variables, where) for k, v in table.items()}
+        values = substitute_table(table, variables, where)
         run_values = {k: v for k, v in values.items() if k in run_keys} | (overrides or {})
         stage = STAGES[name]
         cfg = build_config(stage.config, {k: v for k, v in values.items() if k not in run_keys}, where)
@@ -64,18 +78,34 @@ def load_pipeline(
     return stages
 
 
-def run_pipeline(
-    path: Path, until: str | None = None, root: str | None = None, overrides: dict[str, Any] | None = None
-) -> None:
-    stages = load_pipeline(path, root, overrides)
+def select_stages(
+    stages: list[tuple[Stage[Any], Any, RunOptions]], path: Path, until: str | None, only: str | None
+) -> list[tuple[Stage[Any], Any, RunOptions]]:
+    """The stages `--until` / `--only` ask for, in file order."""
     names = [stage.name for stage, _, _ in stages]
-    if until is not None and until not in STAGES:
-        raise UserError(f"--until {until}: not a stage; stages are {', '.join(STAGES)}")
+    for flag, name in (("--until", until), ("--only", only)):
+        if name is not None and name not in STAGES:
+            raise UserError(f"{flag} {name}: not a stage; stages are {', '.join(STAGES)}")
+    if until is not None and only is not None:
+        raise UserError("--until and --only: give one of them")
+    if only is not None:
+        if only not in names:
+            raise UserError(f"--only {only}: {path} has no [{only}] table; it has {', '.join(names)}")
+        return [s for s in stages if s[0].name == only]
     if until is not None and until not in names:
         LOGGER.warning(f"--until {until}: {path} has no [{until}] table; running all of its stages")
-    for stage, cfg, opts in stages:
+        return stages
+    return stages[: names.index(until) + 1] if until is not None else stages
+
+
+def run_pipeline(
+    path: Path,
+    until: str | None = None,
+    root: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    only: str | None = None,
+) -> None:
+    for stage, cfg, opts in select_stages(load_pipeline(path, root, overrides), path, until, only):
         manifest = run_stage(stage, cfg, opts)
         if manifest is None:  # a Slurm array task finished its share; later stages need every share
-            return
-        if stage.name == until:
             return

@@ -9,6 +9,7 @@ refusing a changed config, the failure-rate check and the manifest, written last
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
@@ -63,7 +64,11 @@ class ShardedConfig(StageConfig):
 class RunOptions:
     """How to execute a stage; none of these change its output, so none enter the config hash."""
 
-    workers: int = option(1, "tasks run concurrently (processes, or Ray tasks)")
+    workers: int = option(
+        0,
+        "tasks run concurrently (local processes or Ray actors); 0: one per visible GPU for stages "
+        "that use one, else 1 (Ray: as many as the cluster's free resources hold)",
+    )
     executor: Literal["local", "slurm", "ray"] = option(
         "local", "local processes; slurm: this array task's share (SLURM_ARRAY_TASK_ID/COUNT); ray"
     )
@@ -73,6 +78,10 @@ class RunOptions:
         "auto", "text with progress bars on a terminal, JSON lines otherwise"
     )
     ray_address: str = option("", "address of an existing Ray cluster (default: start a local one)")
+    ray_cpus: float = option(0.0, "CPUs Ray reserves per actor, fractions allowed; 0: the stage's own need")
+    finalize_only: bool = option(
+        False, "only merge completed tasks' stats into the manifest (the Slurm merge job); runs no task"
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,19 @@ def _record(path: Path, root: Path, rows: bool) -> FileRecord:
     )
 
 
+@dataclass(frozen=True)
+class TaskResources:
+    """What one task of a stage needs, declared by the stage and read only by executors.
+
+    Local processes pin one GPU each, Ray actors reserve these amounts and Slurm jobs request them;
+    `gpus` is used only where GPUs are present, so the same stage runs unchanged on CPU.
+    """
+
+    cpus: float = 1.0  # cores one task keeps busy (decoding workers, BLAS threads)
+    gpus: float = 0.0  # GPUs one task uses when there are GPUs; 0: a CPU stage
+    distributed: bool = False  # one task may span every GPU of a node under torchrun (the trainer)
+
+
 C = TypeVar("C", bound=StageConfig)
 
 
@@ -145,6 +167,7 @@ class Stage(ABC, Generic[C]):
 
     name: ClassVar[str]
     config: ClassVar[type]
+    resources: ClassVar[TaskResources] = TaskResources()
 
     @abstractmethod
     def plan(self, cfg: C) -> Plan:
@@ -157,6 +180,11 @@ class Stage(ABC, Generic[C]):
     def finalize(self, cfg: C, plan: Plan, out: Path, stats: dict[str, Any]) -> list[str]:
         """Write outputs that need every task (a dataset card); return their paths relative to `out`."""
         return []
+
+    def follow(self, cfg: C, plan: Plan) -> None:
+        """Under torchrun, what the ranks other than 0 of a `distributed` stage do: the task's
+        computation alongside rank 0 (collectives), writing nothing; rank 0 alone owns the output."""
+        raise NotImplementedError(f"stage {self.name} declares distributed=True but has no follow()")
 
 
 def config_hash(stage: Stage[C], cfg: C, plan: Plan) -> str:
@@ -225,7 +253,8 @@ def prepare_output(stage: Stage[C], cfg: C, chash: str, overwrite: bool) -> Mani
             )
         if (out / MANIFEST).is_file():
             return read_manifest(out, stage.name)
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not p.name.startswith(f".{RUN_FILE}.tmp") for p in out.iterdir()):
+        # (another Slurm array task may be writing the run file right now: not foreign)
         raise UserError(
             f"--out {out}: exists, is not empty and is not a misp-dpo output; choose another folder"
         )
@@ -284,6 +313,20 @@ def _check_failure_rate(name: str, out: Path, counts: dict[str, Any], max_rate: 
         )
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (RANK with WORLD_SIZE > 1), else 0."""
+    return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+
+
+def _follow(stage: Stage[C], cfg: C, plan: Plan, chash: str, opts: RunOptions) -> None:
+    """A non-zero torchrun rank: never touches the output's bookkeeping, only computes with rank 0."""
+    manifest = cfg.out / MANIFEST
+    complete = manifest.is_file() and read_json(manifest).get("config_hash") == chash
+    if not opts.finalize_only and (opts.overwrite or not complete):
+        stage.follow(cfg, plan)
+    return None
+
+
 def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
     """Plan, skip what is done, run this process's share of the tasks, and finalize when all are done."""
     from misp_dpo.pipelines.executors import execute
@@ -293,14 +336,25 @@ def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
             "--overwrite with --executor slurm would let array tasks delete each other's work; "
             "delete the output folder before submitting instead"
         )
+    if opts.overwrite and opts.finalize_only:
+        raise UserError("--overwrite with --finalize-only would delete the tasks it should merge; drop one")
     plan = stage.plan(cfg)
     chash = config_hash(stage, cfg, plan)
+    if stage.resources.distributed and torchrun_rank() > 0:
+        return _follow(stage, cfg, plan, chash, opts)
     done = prepare_output(stage, cfg, chash, opts.overwrite)
     if done is not None:
         log_event("already complete, skipping", stage=stage.name, out=str(cfg.out))
         return done
-    execute(stage, cfg, plan, chash, opts)
+    if not opts.finalize_only:
+        execute(stage, cfg, plan, chash, opts)
     manifest = finalize(stage, cfg, plan, chash, opts.max_failure_rate)
+    if manifest is None and opts.finalize_only:
+        missing = [t for t in range(plan.num_tasks) if not task_done(cfg.out, t, chash)]
+        raise UserError(
+            f"--finalize-only: {stage.name} in {cfg.out} has {len(missing)} unfinished task(s) "
+            f"(first: {missing[:5]}); rerun the stage without --finalize-only to complete them"
+        )
     if manifest is None:
         log_event("this executor's tasks are done; others are still running", stage=stage.name)
     else:
