@@ -1,0 +1,213 @@
+"""The training loop: data order, gradient accumulation, DDP, AdamW with warm-up + cosine, logging.
+
+Step s trains on a fixed global batch of G = batch_size x grad_accum x world pairs: positions
+[sG, (s+1)G) of the concatenation of per-epoch permutations (seeded by seed and epoch). Rank r's
+k-th micro-batch is slice (k * world + r) of it, so one process with batch B * world and W processes
+with batch B see the same pairs, and a resumed run sees the same pairs as an uninterrupted one.
+Each micro-batch's loss is its pairs' summed loss over the pairs one rank sees per step; DDP's
+gradient average over ranks then makes the step's gradient the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from misp_dpo.config import option
+from misp_dpo.dpo.data import PreferenceData
+from misp_dpo.dpo.distributed import DistInfo, sum_all
+from misp_dpo.dpo.losses import LossConfig
+from misp_dpo.dpo.model import Policy
+from misp_dpo.dpo.reference import ReferenceLogps
+from misp_dpo.dpo.sequences import SequenceEncoder
+from misp_dpo.dpo.step import StepPlan, draw_for, micro_batch_loss
+
+METRIC_SUMS = ("loss", "loss_image", "loss_text", "loss_anchor", "accuracy", "margin", "effective_negatives")
+METRIC_SUMS += ("chosen_reward",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """Optimisation, negative sampling, schedule and bookkeeping of the training loop."""
+
+    sample_negatives: int = option(
+        0,
+        "M: negatives forwarded per pair and step, drawn with replacement from the dataset's proposal q "
+        "with importance weights (unbiased estimate of sum_i exp(a_i)); 0 or >= N: all N, the exact loss",
+    )
+    proposal: Literal["dataset", "uniform"] = option(
+        "dataset", "what --sample-negatives draws from: the dataset's q_i (renormalised) or uniform"
+    )
+    epochs: float = option(1.0, "passes over the pairs (fractions allowed)")
+    max_steps: int = option(0, "optimizer steps to run; 0: as many as --epochs take")
+    batch_size: int = option(4, "pairs per micro-batch on each process (each pair forwards 2 + M sequences)")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    lr: float = option(1e-4, "peak AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "share of the steps with a linear warm-up, then cosine decay to 0")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
+    checkpoint_every: int = option(100, "save a resumable checkpoint every this many steps", hashed=False)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest ones)", hashed=False)
+    ref_batch_size: int = option(32, "sequences per forward in the reference pass", hashed=False)
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive |= {"checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints}
+        positive |= {"ref_batch_size": self.ref_batch_size}
+        bad = {k: v for k, v in positive.items() if v < 1}
+        if bad:
+            raise ValueError(f"must be at least 1: {bad}")
+        if self.sample_negatives < 0 or self.max_steps < 0:
+            raise ValueError(
+                f"sample_negatives and max_steps must be >= 0, got {self.sample_negatives}, {self.max_steps}"
+            )
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ValueError(f"epochs and lr must be positive, got {self.epochs}, {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def total_steps(cfg: LoopConfig, pairs: int, world: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * pairs / (cfg.batch_size * cfg.grad_accum * world)))
+
+
+def warmup_cosine(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear from 1/warmup up to 1 over the warm-up, then cosine down to 0 at `total`."""
+    warmup = int(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def global_batch(rows: np.ndarray, step: int, size: int, seed: int) -> np.ndarray:
+    """Dataset rows of step `step`'s global batch (positions [step*size, (step+1)*size) of the epochs)."""
+    positions = np.arange(step * size, (step + 1) * size)
+    epochs = positions // len(rows)
+    out = np.empty(size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(rows)
+        at = epochs == epoch
+        out[at] = order[positions[at] % len(rows)]
+    return out
+
+
+@dataclass
+class TrainState:
+    """What one process trains with; `model` is `policy.model`, wrapped in DDP under torchrun."""
+
+    policy: Policy
+    model: torch.nn.Module
+    encoder: SequenceEncoder
+    data: PreferenceData
+    reference: ReferenceLogps
+    rows: np.ndarray  # trainable dataset rows
+    loss: LossConfig
+    loop: LoopConfig
+    plan: StepPlan
+    dist: DistInfo
+
+
+def backward_step(state: TrainState, step: int) -> dict[str, float]:
+    """Forward and backward every micro-batch of this rank for `step`; gradients end up synced.
+
+    Returns the step's metrics, averaged over the global batch (identical on every rank).
+    """
+    cfg, dist = state.loop, state.dist
+    batch = global_batch(state.rows, step, cfg.batch_size * cfg.grad_accum * dist.world, state.plan.seed)
+    per_rank = cfg.batch_size * cfg.grad_accum
+    sums = torch.zeros(len(METRIC_SUMS) + 1, dtype=torch.float64)
+    for k in range(cfg.grad_accum):
+        lo = (k * dist.world + dist.rank) * cfg.batch_size
+        rows = batch[lo : lo + cfg.batch_size]
+        draw = draw_for(state.data, rows, state.plan, step)
+        last = k == cfg.grad_accum - 1
+        sync = nullcontext() if last or not hasattr(state.model, "no_sync") else state.model.no_sync()
+        with sync:
+            terms, stats = micro_batch_loss(
+                state.model,
+                state.policy.device,
+                state.encoder,
+                state.data,
+                state.reference,
+                rows,
+                draw,
+                state.loss,
+            )
+            (terms.total.sum() / per_rank).backward()
+        values = [terms.total, terms.image, terms.text, terms.anchor, *stats]
+        sums += torch.tensor(
+            [float(v.detach().double().sum()) for v in values] + [len(rows)], dtype=torch.float64
+        )
+    totals = sum_all(sums.to(state.policy.device)).cpu()
+    count = float(totals[-1])
+    return {name: float(totals[i]) / count for i, name in enumerate(METRIC_SUMS)}
+
+
+def optimizer_step(state: TrainState, optimizer: Any, scheduler: Any) -> float:
+    """Clip, step, zero; returns the gradient norm before clipping."""
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    limit = state.loop.max_grad_norm if state.loop.max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def make_optimizer(state: TrainState, steps: int) -> tuple[Any, Any]:
+    params = [p for p in state.policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=state.loop.lr, weight_decay=state.loop.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, state.loop.warmup_ratio))
+    return optimizer, scheduler
+
+
+def step_record(step: int, metrics: dict[str, float], grad_norm: float, lr: float) -> dict[str, Any]:
+    """One line of metrics.jsonl; no wall-clock times, so a resumed run writes the same bytes."""
+    return {
+        "step": step + 1,
+        **{k: round(v, 6) for k, v in metrics.items()},
+        "grad_norm": round(grad_norm, 6),
+        "lr": lr,
+    }
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, rows: np.ndarray) -> dict[str, float]:
+    """Mean exact-loss metrics over `rows` (all stored negatives, no update): a fixed yardstick.
+
+    Unlike the per-step metrics it does not depend on the batch drawn, so runs can be compared.
+    """
+    was_training = state.model.training
+    state.model.eval()
+    sums = np.zeros(len(METRIC_SUMS))
+    exact = StepPlan(0, state.plan.proposal, state.plan.seed)
+    for lo in range(0, len(rows), state.loop.batch_size):
+        chunk = rows[lo : lo + state.loop.batch_size]
+        draw = draw_for(state.data, chunk, exact, 0)
+        terms, stats = micro_batch_loss(
+            state.policy.model,
+            state.policy.device,
+            state.encoder,
+            state.data,
+            state.reference,
+            chunk,
+            draw,
+            state.loss,
+        )
+        values = [terms.total, terms.image, terms.text, terms.anchor, *stats]
+        sums += [float(v.double().sum()) for v in values]
+    state.model.train(was_training)
+    return {name: float(sums[i] / max(1, len(rows))) for i, name in enumerate(METRIC_SUMS)}
