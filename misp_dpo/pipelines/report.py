@@ -1,0 +1,220 @@
+"""`misp-dpo report`: a static HTML page of a negatives dataset (single task).
+
+A seeded sample of pairs with their positive and negatives as thumbnails and scores, score
+histograms over the whole dataset, summary counts, and (with `--attributes`, the demo corpus's
+ground truth) the attributes each negative changed. The page, thumbnails and PNGs are written
+into `--out` and linked relatively, so the folder can be copied or served as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from misp_dpo.config import option
+from misp_dpo.errors import UserError
+from misp_dpo.mining.attributes import AttributeTable, dataset_quality
+from misp_dpo.mining.report import NEGATIVE_SCORES, ShownImage, ShownPair, render_report, thumbnail
+from misp_dpo.pipelines.io import atomic_path, iter_batches, sha256_file
+from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
+from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext
+
+PAGE = "index.html"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(StageConfig):
+    negatives: Path = option(help="output folder of `misp-dpo mine` (listwise format)", hashed=False)
+    limit: int = option(50, "number of pairs shown (a sample drawn with --seed)")
+    attributes: Path | None = option(
+        None,
+        "ground-truth attributes.parquet (the demo corpus's) to show what each negative changed",
+        hashed=False,
+    )
+    thumb_size: int = option(128, "largest side of the thumbnails, in pixels")
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if self.thumb_size < 8:
+            raise ValueError(f"thumb_size must be at least 8, got {self.thumb_size}")
+
+
+class ReportStage(Stage[ReportConfig]):
+    """Write a static HTML page with image grids, score histograms and counts of a negatives dataset."""
+
+    name = "report"
+    config = ReportConfig
+
+    def plan(self, cfg: ReportConfig) -> Plan:
+        negatives = read_manifest(cfg.negatives, "mine", "--negatives")
+        if negatives.meta.get("format", "listwise") != "listwise":
+            raise UserError(
+                f"--negatives {cfg.negatives}: a pairwise export; the report reads the listwise dataset "
+                "(mine again without --format pairwise)"
+            )
+        inputs = {"negatives": manifest_hash(negatives.root)}
+        if cfg.attributes is not None:
+            _check_attributes(cfg.attributes)
+            inputs["attributes"] = sha256_file(cfg.attributes)
+        meta = {"negatives_dir": str(negatives.root.resolve()), "strategy": negatives.meta.get("strategy")}
+        return Plan(num_tasks=1, inputs=inputs, meta=meta)
+
+    def run_task(self, cfg: ReportConfig, plan: Plan, ctx: TaskContext) -> None:
+        negatives = read_manifest(cfg.negatives, "mine")
+        shards = negatives.shard_paths("part")
+        table = _sample(shards, negatives.rows("part"), cfg.limit, cfg.seed)
+        attributes = _load_attributes(cfg.attributes) if cfg.attributes is not None else None
+        thumbs = _thumbnails(table, cfg.thumb_size, ctx)
+        pairs = _shown_pairs(table, thumbs, attributes)
+        histograms = _histograms(shards, ctx)
+        summary = _summary(negatives, len(pairs), ctx)
+        if attributes is not None:
+            summary += _quality_rows(attributes, shards)
+        title = f"misp-dpo negatives: {negatives.meta.get('strategy', '?')} ({cfg.negatives.name})"
+        with atomic_path(ctx.output_file(PAGE)) as tmp:
+            tmp.write_text(render_report(title, summary, histograms, pairs), encoding="utf-8")
+        ctx.count("pairs_shown", len(pairs))
+
+
+def _check_attributes(path: Path) -> None:
+    if not path.is_file():
+        raise UserError(
+            f"--attributes {path}: no such file; point it at the demo corpus's attributes.parquet"
+        )
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowInvalid) as error:
+        raise UserError(f"--attributes {path}: not a Parquet file ({error})") from None
+    if "image" not in names or len(names) < 2:
+        raise UserError(f"--attributes {path}: needs an `image` column and one column per attribute")
+
+
+def _load_attributes(path: Path) -> AttributeTable:
+    return AttributeTable.from_table(pq.read_table(path), path.resolve().parent)
+
+
+def _sample(shards: list[Path], total: int, limit: int, seed: int) -> pa.Table:
+    """A seeded sample of `limit` rows in dataset order, reading only the batches that hold them."""
+    wanted = np.sort(np.random.default_rng(seed).choice(total, size=min(limit, total), replace=False))
+    parts, start = [], 0
+    for batch in iter_batches(shards):
+        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+        if hi > lo:
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(wanted[lo:hi] - start)))
+        start += batch.num_rows
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
+def _read_image(uri: str) -> bytes:
+    if "://" in uri and not uri.startswith("file://"):
+        raise OSError(f"unsupported uri scheme in {uri!r} (the report reads local files)")
+    return Path(uri.removeprefix("file://")).read_bytes()
+
+
+def _thumbnails(table: pa.Table, size: int, ctx: TaskContext) -> dict[str, str | None]:
+    """Thumbnail path (relative to the page) of every image in the sample; None where unreadable."""
+    images: dict[str, str] = {}
+    if table.num_rows:
+        for column in (
+            table.column("positive").combine_chunks(),
+            table.column("negatives").combine_chunks().flatten(),
+        ):
+            for image_id, uri in zip(
+                column.field("image_id").to_pylist(), column.field("uri").to_pylist(), strict=True
+            ):
+                images.setdefault(image_id, uri)
+    thumbs: dict[str, str | None] = {}
+    for image_id, uri in images.items():
+        ctx.count("items")
+        relative = f"thumbs/{hashlib.sha1(image_id.encode()).hexdigest()[:20]}.png"
+        try:
+            png = thumbnail(_read_image(uri or ""), size)
+        except (OSError, ValueError) as error:
+            ctx.fail(uri or image_id, "unreadable image", str(error))
+            thumbs[image_id] = None
+            continue
+        with atomic_path(ctx.output_file(relative)) as tmp:
+            tmp.write_bytes(png)
+        thumbs[image_id] = relative
+    return thumbs
+
+
+def _shown_pairs(
+    table: pa.Table, thumbs: dict[str, str | None], attributes: AttributeTable | None
+) -> list[ShownPair]:
+    shown = []
+    for row in table.to_pylist():  # the sample: at most --limit rows
+        positive = ShownImage(
+            row["positive"]["image_id"], row["positive"]["uri"], thumbs[row["positive"]["image_id"]]
+        )
+        pos_row = attributes.rows([positive.uri])[0] if attributes is not None else -1
+        if attributes is not None and pos_row >= 0:
+            positive.attributes = attributes.describe(pos_row)
+        negatives = []
+        for n in row["negatives"]:
+            image = ShownImage(
+                n["image_id"],
+                n["uri"],
+                thumbs[n["image_id"]],
+                {k: n[k] for k, _ in NEGATIVE_SCORES},
+                n["rank"],
+            )
+            neg_row = attributes.rows([image.uri])[0] if attributes is not None else -1
+            if attributes is not None and neg_row >= 0 and pos_row >= 0:
+                image.changed = attributes.changed(pos_row, neg_row)
+            negatives.append(image)
+        shown.append(
+            ShownPair(row["pair_id"], row["prompt"], row["chosen"], row["rejected"], positive, negatives)
+        )
+    return shown
+
+
+def _histograms(shards: list[Path], ctx: TaskContext) -> list[str]:
+    from misp_dpo.mining.plots import gather_fields, render_histograms
+
+    images = render_histograms(gather_fields(iter_batches(shards, ["negatives"])))
+    for name, png in images.items():
+        with atomic_path(ctx.output_file(name)) as tmp:
+            tmp.write_bytes(png)
+    return list(images)
+
+
+def _summary(negatives: Manifest, shown: int, ctx: TaskContext) -> list[tuple[str, str]]:
+    meta, stats = negatives.meta, negatives.stats
+    sae = meta.get("sae") or {}
+    clip = meta.get("clip") or {}
+    rows: list[tuple[str, Any]] = [
+        ("dataset", negatives.root.resolve()),
+        ("strategy", meta.get("strategy")),
+        ("SAE", f"{sae.get('variant')} ({sae.get('latents')} latents)" if sae else "none"),
+        ("CLIP", f"{clip.get('model')} {clip.get('pretrained', '')} D={clip.get('dim')}"),
+        ("negatives per pair (N)", meta.get("negatives")),
+        ("pairs", stats.get("pairs", 0)),
+        ("negatives", stats.get("negatives", 0)),
+        ("pairs with fewer than N", stats.get("short_pairs", 0)),
+        ("failed pairs", stats.get("failures", 0)),
+        ("pairs shown", shown),
+        ("unreadable images in the sample", ctx.counts.get("failures", 0)),
+    ]
+    return [(k, str(v)) for k, v in rows]
+
+
+def _quality_rows(attributes: AttributeTable, shards: list[Path]) -> list[tuple[str, str]]:
+    """Ground-truth quality over the whole dataset (see misp_dpo.mining.attributes)."""
+    q = dataset_quality(attributes, iter_batches(shards, ["positive", "negatives"]))
+    return [
+        (
+            "false negatives (share of negatives with every attribute of the positive)",
+            f"{q.false_negative_rate:.2%}",
+        ),
+        ("hardness (mean attributes changed; lower = harder)", f"{q.hardness:.2f}"),
+        ("coverage (distinct attribute types changed per pair / types)", f"{q.coverage:.2f}"),
+        ("images not in the attribute table", str(q.unmatched)),
+    ]
