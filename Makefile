@@ -10,7 +10,7 @@ RUNS ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install mine train report test test-fast lint bench clean
+.PHONY: install mine train report test test-fast lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,7 +33,7 @@ mine: install
 	$(BIN)/misp-dpo run $(PIPELINE) --until report
 
 train: install
-	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo
+	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo --lr 2e-3 --epochs 0.3
 
 test: install $(VENV)/.chromium
 	$(BIN)/python -m pytest -q
@@ -47,7 +47,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,bench]'
-	for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	for script in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do \
+	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# The CUDA paths on an NVIDIA GPU machine (exits 2 without one; `--cpu-smoke` runs them on the CPU).
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -179,3 +179,100 @@ def write_candidates(
     inputs = {"embeddings": manifest_hash(embeddings.root)}
     meta = {**embeddings.meta, "embeddings_dir": str(embeddings.root.resolve())}
     return write_prewritten(out, "candidates", {"candidates": table}, tasks, meta, inputs)
+
+
+def write_random_sae(
+    out: Path, clip: dict[str, Any], variant: str = "paper", latents: int = 16, seed: int = 0
+) -> Path:
+    """An untrained SAE (seeded random init) in the sae format, registered as a finished `sae` output.
+
+    The real model class and safetensors file, only without training: what `mine` tests and the
+    mine benchmark need (scores are then arbitrary but deterministic, and the timing is real).
+    """
+    import torch
+
+    from misp_dpo.sae import SaeSpec
+    from misp_dpo.sae.checkpoint import CONFIG, WEIGHTS, write_config, write_weights
+
+    dim = int(clip["dim"])
+    marker = pa.table({"variant": [variant]}, schema=pa.schema([("variant", pa.string())]))
+    write_prewritten(out, "sae", {"untrained": marker}, meta={"clip": clip}, label=f"{variant}-{seed}")
+    spec = SaeSpec(variant, dim=dim, latents=latents, k=min(32, latents))  # type: ignore[arg-type]
+    model = spec.build()
+    generator = torch.Generator().manual_seed(seed)
+    model.initialise(generator, torch.zeros((dim, dim) if variant == "paper" else (dim,)), 2.0)
+    with torch.no_grad():
+        model.W_enc.add_(0.5 * torch.randn(model.W_enc.shape, generator=generator) / dim**0.5)
+    write_weights(model, out / WEIGHTS)
+    write_config(spec, {"clip": clip}, out / CONFIG)
+    return out
+
+
+def negatives_table(corpus: Path, pairs: int, negatives: int = 3, pool: int = 8, seed: int = 0) -> pa.Table:
+    """A listwise `negatives` table (schema NEGATIVES) on a `synth` corpus, without CLIP or an SAE.
+
+    Pair i is the corpus's pair i with its own image as the positive; its pool holds `pool` other
+    images with made-up scores s, proposal q = softmax(s) over the pool (so the kept q sum to <= 1),
+    and the `negatives` best-scored are kept, as `mine` would. Uris are absolute file paths.
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(corpus / "pairs.parquet").slice(0, pairs)
+    paths = [
+        str((corpus / p).resolve())
+        for p in pq.read_table(corpus / "pairs.parquet").column("image").to_pylist()
+    ]
+    ids = [hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in paths]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(table.num_rows):
+        others = rng.choice(np.delete(np.arange(len(paths)), i), size=pool, replace=False)
+        scores = rng.normal(size=pool)
+        q = np.exp(scores - scores.max())
+        q /= q.sum()
+        keep = np.argsort(-scores)[:negatives]
+        rows.append(
+            [
+                {
+                    "image_id": ids[others[k]],
+                    "uri": paths[others[k]],
+                    "rank": r,
+                    "score": float(scores[k]),
+                    "proposal": float(q[k]),
+                    "sim_image": None,
+                    "sim_prompt": None,
+                    "recon_error": None,
+                    "deviation": None,
+                    "diversity_gain": None,
+                }
+                for r, k in enumerate(keep)
+            ]
+        )
+    return pa.table(
+        {
+            "pair_id": table.column("id"),
+            "prompt": table.column("prompt"),
+            "chosen": table.column("chosen"),
+            "rejected": table.column("rejected"),
+            "positive": [{"image_id": ids[i], "uri": paths[i]} for i in range(table.num_rows)],
+            "negatives": rows,
+        },
+        schema=schemas.NEGATIVES,
+    )
+
+
+def write_negatives(
+    out: Path,
+    corpus: Path,
+    pairs: int,
+    negatives: int = 3,
+    pool: int = 8,
+    seed: int = 0,
+    table: pa.Table | None = None,
+) -> Manifest:
+    """A finished `mine` output (`part-00000.parquet`, real manifest) from `negatives_table` or `table`."""
+    table = table if table is not None else negatives_table(corpus, pairs, negatives, pool, seed)
+    meta = {"negatives": negatives, "strategy": "synthetic", "format": "listwise"}
+    return write_prewritten(
+        out, "mine", {"part": table}, meta=meta, label=f"negatives-{pairs}-{negatives}-{seed}"
+    )
