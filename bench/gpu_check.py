@@ -257,7 +257,7 @@ def check_train(size: Sizes, cuda: bool, work: Path) -> list[Row]:
     negatives = work / "negatives"
     if not (negatives / "manifest.json").is_file():
         write_negatives(negatives, synth_corpus(work, size), pairs=size.train_pairs, negatives=4, pool=8)
-    data = PreferenceData(read_table(sorted(negatives.glob("part-*.parquet"))), negatives)
+    data = PreferenceData(read_table(sorted(negatives.glob("train-*.parquet"))), negatives)
     policy = load_policy(size.vlm, ModelConfig(device="cuda" if cuda else "cpu"), seed=0)
     table, _ = compute_reference(policy, data, np.arange(len(data)), 32, show_progress=False)
     reference = align_reference(table, data)

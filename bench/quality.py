@@ -54,7 +54,7 @@ def mine(root: Path, name: str, strategy: str, sae: Path | None, seed: int, **ex
 
 def measure(attributes: AttributeTable, negatives: Path) -> Quality:
     return dataset_quality(
-        attributes, iter_batches(sorted(negatives.glob("part-*.parquet")), ["positive", "negatives"])
+        attributes, iter_batches(sorted(negatives.glob("train-*.parquet")), ["positive", "negatives"])
     )
 
 

@@ -71,7 +71,7 @@ def role_measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     negatives = Path(args.negatives)
-    data = PreferenceData(read_table(sorted(negatives.glob("part-*.parquet"))), negatives)
+    data = PreferenceData(read_table(sorted(negatives.glob("train-*.parquet"))), negatives)
     policy = load_policy(args.model, ModelConfig(device=args.device), seed=0)
     table, _ = compute_reference(policy, data, np.arange(len(data)), 64, show_progress=False)
     reference = align_reference(table, data)

@@ -270,9 +270,9 @@ def write_negatives(
     seed: int = 0,
     table: pa.Table | None = None,
 ) -> Manifest:
-    """A finished `mine` output (`part-00000.parquet`, real manifest) from `negatives_table` or `table`."""
+    """A finished `mine` output (`train-00000.parquet`, real manifest) from `negatives_table` or `table`."""
     table = table if table is not None else negatives_table(corpus, pairs, negatives, pool, seed)
     meta = {"negatives": negatives, "strategy": "synthetic", "format": "listwise"}
     return write_prewritten(
-        out, "mine", {"part": table}, meta=meta, label=f"negatives-{pairs}-{negatives}-{seed}"
+        out, "mine", {"train": table}, meta=meta, label=f"negatives-{pairs}-{negatives}-{seed}"
     )

@@ -1,7 +1,7 @@
 """The dataset card (`negatives/README.md`): how the dataset was made, its config, counts and scores.
 
 Its YAML header declares the data files, so `datasets.load_dataset(DIR)` reads only the
-`part-*.parquet` shards and not the manifest, stats or histograms next to them.
+data shards and not the manifest, stats or histograms next to them.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ FIELDS_TEXT = """| field | meaning |
 """
 
 
-def _yaml_header() -> str:
+def _yaml_header(data_glob: str) -> str:
     return (
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
-        '    path: "part-*.parquet"\ntags:\n- misp-dpo\n- preference\n- multi-negative\n---\n'
+        f'    path: "{data_glob}"\ntags:\n- misp-dpo\n- preference\n- multi-negative\n---\n'
     )
 
 
@@ -69,8 +69,9 @@ def card_markdown(
     summary: dict[str, dict[str, float]],
     histograms: list[str],
     version: str,
+    data_glob: str,
 ) -> str:
-    """The card's text; `histograms` are file names of PNGs written next to it."""
+    """The card's text; `histograms` are PNG file names next to it, `data_glob` matches the shards."""
     strategy = meta.get("strategy", "misp")
     clip = meta.get("clip", {})
     sae = meta.get("sae")
@@ -81,7 +82,7 @@ def card_markdown(
     )
     shape = "one row per pair" if meta.get("format", "listwise") == "listwise" else "one row per negative"
     return (
-        _yaml_header()
+        _yaml_header(data_glob)
         + "\n# Multi-negative image preference dataset (misp-dpo)\n\n"
         + f"Made by `misp-dpo mine` {version} with strategy `{strategy}`: up to "
         f"{meta.get('negatives')} negative images per preference pair, {shape}, "
@@ -95,11 +96,9 @@ def card_markdown(
         f"Pairs whose filtered pool had fewer than N candidates: {stats.get('short_pairs', 0)} "
         f"({'dropped' if config.get('drop_short') else 'kept with what they have'}).\n\n"
         "## Loading\n\n```python\nimport polars as pl\n"
-        'df = pl.read_parquet("DIR/part-*.parquet")\n\nimport datasets\n'
+        f'df = pl.read_parquet("DIR/{data_glob}")\n\nimport datasets\n'
         'ds = datasets.load_dataset("DIR")  # this card declares the data files\n'
-        'ds = datasets.load_dataset("parquet", data_dir="DIR", data_files="part-*.parquet")\n```\n\n'
-        'Without `data_files`, `load_dataset("parquet", data_dir=...)` would also try to read '
-        "`manifest.json` and the histograms as Parquet.\n\n"
+        'ds = datasets.load_dataset("parquet", data_dir="DIR")  # shard names carry the split\n```\n\n'
         f"## Fields\n\n{FIELDS_TEXT}\n"
         f"## Counts\n\n{_counts_table(stats)}\n"
         f"## Scores\n\n{_scores_section(summary, histograms)}\n"

@@ -28,7 +28,7 @@ from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import PoolBatch, iter_pools
 from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
-PREFIX = "part"
+PREFIX = schemas.NEGATIVES_SHARD_PREFIX
 CARD = "README.md"
 
 
@@ -187,7 +187,9 @@ def write_card(out: Path, config: dict[str, Any], meta: dict[str, Any], stats: d
     for name, png in images.items():
         with atomic_path(out / name) as tmp:
             tmp.write_bytes(png)
-    text = card_markdown(config, meta, stats, summary(values), list(images), __version__)
+    text = card_markdown(
+        config, meta, stats, summary(values), list(images), __version__, f"{PREFIX}-*.parquet"
+    )
     with atomic_path(out / CARD) as tmp:
         tmp.write_text(text)
     return [*images, CARD]

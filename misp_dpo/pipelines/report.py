@@ -21,6 +21,7 @@ from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.mining.attributes import AttributeTable, dataset_quality
 from misp_dpo.mining.report import NEGATIVE_SCORES, ShownImage, ShownPair, render_report, thumbnail
+from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import atomic_path, iter_batches, sha256_file
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
 from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext
@@ -68,8 +69,8 @@ class ReportStage(Stage[ReportConfig]):
 
     def run_task(self, cfg: ReportConfig, plan: Plan, ctx: TaskContext) -> None:
         negatives = read_manifest(cfg.negatives, "mine")
-        shards = negatives.shard_paths("part")
-        table = _sample(shards, negatives.rows("part"), cfg.limit, cfg.seed)
+        shards = negatives.shard_paths(schemas.NEGATIVES_SHARD_PREFIX)
+        table = _sample(shards, negatives.rows(schemas.NEGATIVES_SHARD_PREFIX), cfg.limit, cfg.seed)
         attributes = _load_attributes(cfg.attributes) if cfg.attributes is not None else None
         thumbs = _thumbnails(table, cfg.thumb_size, ctx)
         pairs = _shown_pairs(table, thumbs, attributes)

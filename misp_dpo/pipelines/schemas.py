@@ -121,6 +121,11 @@ NEGATIVE = pa.struct(
     ]
 )
 
+# The published dataset's shards are `train-NNNNN.parquet`: the split keyword in the name is how
+# `datasets.load_dataset("parquet", data_dir=DIR)` (and the Hugging Face Hub) tells data files from
+# the manifest, stats and histograms next to them, which it would otherwise try to read as Parquet.
+NEGATIVES_SHARD_PREFIX = "train"
+
 NEGATIVES = _named(
     "negatives",
     1,

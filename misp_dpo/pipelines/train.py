@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from misp_dpo.dpo.model import Policy
 
 MINE_STAGE = "mine"
-PREFIX = "part"
+PREFIX = schemas.NEGATIVES_SHARD_PREFIX
 REFERENCE = "reference_logps.parquet"
 IDENTITY_KEY = b"misp_dpo.reference"  # model + dataset identity of a reference cache
 FAILURES_KEY = b"misp_dpo.failures"  # pairs the reference pass could not read

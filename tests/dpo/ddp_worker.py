@@ -28,7 +28,7 @@ def first_step(
     info = distributed.from_env()
     policy = load_policy("tiny", ModelConfig(device="cpu"), seed=0)
     distributed.init(info, policy.device, timeout_s=120)
-    data = PreferenceData(read_table(sorted(negatives.glob("part-*.parquet"))), negatives)
+    data = PreferenceData(read_table(sorted(negatives.glob("train-*.parquet"))), negatives)
     table, _ = compute_reference(policy, data, np.arange(len(data)), 32, show_progress=False)
     reference = align_reference(table, data)
     loop = LoopConfig(batch_size=batch_size, max_steps=1, sample_negatives=sample_negatives)

@@ -19,7 +19,7 @@ from misp_dpo.pipelines.io import read_table
 def _batch(
     policy: Policy, negatives: Path, pairs: int = 3
 ) -> tuple[SequenceEncoder, list[PairRecord], SequenceBatch]:
-    data = PreferenceData(read_table(sorted(negatives.glob("part-*.parquet"))), negatives)
+    data = PreferenceData(read_table(sorted(negatives.glob("train-*.parquet"))), negatives)
     encoder = SequenceEncoder(policy.processor)
     records = data.records(np.arange(pairs))
     items = [

@@ -23,7 +23,7 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_log_probs_do_not_depend_on_batching(qwen: Path, negatives8: Path) -> None:
     """Right padding, per-token M-RoPE fields and concatenated patches line up for any batch layout."""
-    data = PreferenceData(read_table(sorted(negatives8.glob("part-*.parquet"))), negatives8)
+    data = PreferenceData(read_table(sorted(negatives8.glob("train-*.parquet"))), negatives8)
     policy = load_policy(str(qwen), ModelConfig(), seed=0)
     alone, _ = compute_reference(policy, data, np.arange(4), batch_size=1, show_progress=False)
     batched, _ = compute_reference(policy, data, np.arange(4), batch_size=64, show_progress=False)

@@ -35,7 +35,7 @@ def _sorted(table: pa.Table) -> pa.Table:
 
 def test_cached_reference_equals_a_fresh_computation(trained: Path, negatives16: Path) -> None:
     cached = _sorted(pq.read_table(trained / REFERENCE))
-    data = PreferenceData(read_table(sorted(negatives16.glob("part-*.parquet"))), negatives16)
+    data = PreferenceData(read_table(sorted(negatives16.glob("train-*.parquet"))), negatives16)
     policy = load_policy("tiny", ModelConfig(), seed=0)
     fresh, failures = compute_reference(policy, data, np.arange(len(data)), batch_size=7, show_progress=False)
     fresh = _sorted(fresh)

@@ -27,7 +27,7 @@ from tests.dpo.conftest import run_train
 
 
 def _state(negatives: Path, loop: LoopConfig, seed: int = 0) -> trainer.TrainState:
-    data = PreferenceData(read_table(sorted(negatives.glob("part-*.parquet"))), negatives)
+    data = PreferenceData(read_table(sorted(negatives.glob("train-*.parquet"))), negatives)
     policy = load_policy("tiny", ModelConfig(), seed=seed)
     table, _ = compute_reference(policy, data, np.arange(len(data)), 32, show_progress=False)
     reference = align_reference(table, data)
@@ -112,7 +112,7 @@ def test_refuses_inputs_that_are_not_listwise_negatives(negatives16: Path, tmp_p
     with pytest.raises(UserError, match="--negatives .*not a finished `mine` output"):
         run_train(tmp_path / "a", tmp_path)
     pairwise = schemas.NEGATIVES_PAIRWISE.empty_table()
-    write_prewritten(tmp_path / "pairwise", "mine", {"part": pairwise})
+    write_prewritten(tmp_path / "pairwise", "mine", {"train": pairwise})
     with pytest.raises(UserError, match="listwise"):
         run_train(tmp_path / "b", tmp_path / "pairwise")
     with pytest.raises(UserError, match="not a local model folder"):

@@ -51,7 +51,7 @@ def test_mine_writes_a_dataset_with_card_that_polars_and_datasets_load(
     stats = manifest.stats
     assert (stats["items"], stats["pairs"], stats["short_pairs"]) == (24, 24, 2)
     assert (stats["removed_positive"], stats["removed_repeats"]) == (1, 1)
-    df = pl.read_parquet(out / "part-*.parquet")
+    df = pl.read_parquet(out / "train-*.parquet")
     assert df["pair_id"].to_list() == [f"pair-{i:07d}" for i in range(24)]
     ids = fake_image_ids(60, "synthetic").to_pylist()
     for p, row in enumerate(df.iter_rows(named=True)):
@@ -67,14 +67,14 @@ def test_mine_writes_a_dataset_with_card_that_polars_and_datasets_load(
         assert [n["rank"] for n in negatives] == list(range(len(negatives)))
         assert all(0 < n["proposal"] <= 1 and n["score"] is not None for n in negatives)
     assert stats["negatives"] == sum(len(n) for n in df["negatives"].to_list())
-    assert pq.read_schema(out / "part-00000.parquet").metadata == schemas.NEGATIVES.metadata
+    assert pq.read_schema(out / "train-00000.parquet").metadata == schemas.NEGATIVES.metadata
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nconfigs:") and 'path: "part-*.parquet"' in card
+    assert card.startswith("---\nconfigs:") and 'path: "train-*.parquet"' in card
     assert "hist-score.png" in card and (out / "hist-score.png").stat().st_size > 1000
     cache = str(tmp_path / "hf")
     for ds in (
         datasets.load_dataset(str(out), cache_dir=cache),
-        datasets.load_dataset("parquet", data_dir=str(out), data_files="part-*.parquet", cache_dir=cache),
+        datasets.load_dataset("parquet", data_dir=str(out), cache_dir=cache),
     ):
         assert ds["train"].num_rows == 24 and ds["train"][0]["pair_id"] == "pair-0000000"
     problems, _ = validate_output(out)
@@ -88,8 +88,8 @@ def test_sharding_and_batching_do_not_change_the_picks(
     mine(inputs, tmp_path / "one", strategy=strategy, tasks=1)
     mine(inputs, tmp_path / "three", strategy=strategy, tasks=3, batch_size=4)
     # Picks are identical; floats may differ in the last bit (BLAS kernels depend on block shapes).
-    one = pl.read_parquet(tmp_path / "one" / "part-*.parquet").explode("negatives").unnest("negatives")
-    three = pl.read_parquet(tmp_path / "three" / "part-*.parquet").explode("negatives").unnest("negatives")
+    one = pl.read_parquet(tmp_path / "one" / "train-*.parquet").explode("negatives").unnest("negatives")
+    three = pl.read_parquet(tmp_path / "three" / "train-*.parquet").explode("negatives").unnest("negatives")
     assert one.columns == three.columns and len(one) == len(three) == 70
     for column in one.columns:
         if one[column].dtype == pl.Float32:
@@ -117,7 +117,7 @@ def test_crash_then_resume_is_byte_identical(
     monkeypatch.setattr(mine_module, "select_negatives", crash_on_the_fifth_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         mine(inputs, out, tasks=3, batch_size=3)
-    assert (out / "part-00000.parquet").exists() and not (out / "part-00001.parquet").exists()
+    assert (out / "train-00000.parquet").exists() and not (out / "train-00001.parquet").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     monkeypatch.setattr(mine_module, "select_negatives", select)
     mine(inputs, out, tasks=3, batch_size=3)
@@ -153,16 +153,16 @@ def test_drop_short_and_pairwise_format(inputs: MineInputs, tmp_path: Path) -> N
     listwise = mine(inputs, tmp_path / "list")
     dropped = mine(inputs, tmp_path / "drop", drop_short=True)
     assert (dropped.stats["pairs"], dropped.stats["dropped_short"]) == (22, 2)
-    assert len(pl.read_parquet(tmp_path / "drop" / "part-*.parquet")) == 22
+    assert len(pl.read_parquet(tmp_path / "drop" / "train-*.parquet")) == 22
     pairwise = mine(inputs, tmp_path / "pairs", format="pairwise")
     assert pairwise.meta["format"] == "pairwise"
-    rows = pl.read_parquet(tmp_path / "pairs" / "part-*.parquet")
+    rows = pl.read_parquet(tmp_path / "pairs" / "train-*.parquet")
     assert len(rows) == listwise.stats["negatives"] == pairwise.stats["negatives"]
     assert (
-        pq.read_schema(tmp_path / "pairs" / "part-00000.parquet").metadata
+        pq.read_schema(tmp_path / "pairs" / "train-00000.parquet").metadata
         == schemas.NEGATIVES_PAIRWISE.metadata
     )
-    flat = pl.read_parquet(tmp_path / "list" / "part-*.parquet").explode("negatives")
+    flat = pl.read_parquet(tmp_path / "list" / "train-*.parquet").explode("negatives")
     assert (
         rows["rejected_image"].struct.field("image_id").to_list()
         == flat["negatives"].struct.field("image_id").to_list()
@@ -172,10 +172,10 @@ def test_drop_short_and_pairwise_format(inputs: MineInputs, tmp_path: Path) -> N
 def test_strategies_without_an_sae_and_with_one_for_the_record(inputs: MineInputs, tmp_path: Path) -> None:
     plain = mine(inputs, tmp_path / "maxmin", strategy="maxmin", sae=None)
     assert plain.meta["sae"] is None
-    first = pl.read_parquet(tmp_path / "maxmin" / "part-*.parquet")["negatives"][2][0]
+    first = pl.read_parquet(tmp_path / "maxmin" / "train-*.parquet")["negatives"][2][0]
     assert first["recon_error"] is None and first["score"] is not None
     mine(inputs, tmp_path / "random", strategy="random")
-    first = pl.read_parquet(tmp_path / "random" / "part-*.parquet")["negatives"][2][0]
+    first = pl.read_parquet(tmp_path / "random" / "train-*.parquet")["negatives"][2][0]
     assert (
         first["recon_error"] is not None
         and first["score"] is None
@@ -208,7 +208,7 @@ def test_misp_with_a_topk_sae(inputs: MineInputs, tmp_path: Path) -> None:
     sae = write_random_sae(tmp_path / "topk", clip, variant="topk", latents=32)
     manifest = mine(inputs, tmp_path / "neg", sae=sae)
     assert manifest.meta["sae"]["variant"] == "topk" and manifest.meta["sae"]["latents"] == 32
-    negatives = pl.read_parquet(tmp_path / "neg" / "part-*.parquet").explode("negatives").unnest("negatives")
+    negatives = pl.read_parquet(tmp_path / "neg" / "train-*.parquet").explode("negatives").unnest("negatives")
     assert negatives["deviation"].min() > 0 and negatives["recon_error"].min() >= 0
 
 

@@ -107,7 +107,7 @@ def handmade_negatives(corpus: Path, out: Path, missing: bool = False) -> Path:
         )
     table = pa.Table.from_pylist(rows, schema=schemas.NEGATIVES)
     meta = {"strategy": "nearest", "negatives": 3, "format": "listwise", "clip": {"model": EVIL}}
-    write_prewritten(out, "mine", {"part": table}, tasks=2, meta=meta, label=str(missing))
+    write_prewritten(out, "mine", {"train": table}, tasks=2, meta=meta, label=str(missing))
     return out
 
 

@@ -154,7 +154,7 @@ def test_the_mine_stage_accepts_the_trained_sae(tmp_path: Path) -> None:
         "device": "cpu",
     }
     manifest = run_stage(MineStage(), build_config(MineConfig, values), RunOptions())
-    assert manifest.meta["sae"]["variant"] == "paper" and manifest.rows("part") == 40
+    assert manifest.meta["sae"]["variant"] == "paper" and manifest.rows("train") == 40
     assert read_manifest(tmp_path / "sae", "sae").meta["clip"]["dim"] == 8
 
 
