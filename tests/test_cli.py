@@ -65,3 +65,13 @@ def test_bad_pipeline_files_name_the_problem(
         main(["run", str(pipeline)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_example_pipelines_parse_and_accept_flag_spelled_keys() -> None:
+    from misp_dpo.pipelines.pipeline_file import load_pipeline
+
+    for path in sorted(Path("configs").glob("*.toml")):
+        stages = load_pipeline(path)
+        assert [stage.name for stage, _, _ in stages], path
+    coco = {stage.name: cfg for stage, cfg, _ in load_pipeline(Path("configs/coco-vitl14.toml"))}
+    assert coco["embed"].batch_size == 256 and coco["train"].loop.sample_negatives == 2

@@ -56,7 +56,8 @@ def read_pipeline(path: Path, root: str | None = None) -> tuple[dict[str, Any], 
 
 
 def substitute_table(table: dict[str, Any], variables: dict[str, Any], where: str) -> dict[str, Any]:
-    return {k: _substitute(v, variables, where) for k, v in table.items()}
+    # keys may be spelled like the flags (batch-size) or like the fields (batch_size)
+    return {k.replace("-", "_"): _substitute(v, variables, where) for k, v in table.items()}
 
 
 def load_pipeline(
