@@ -6,7 +6,10 @@
 
 The images are JPEGs (256 x 256, smooth random content) in a folder, given to `embed` as the
 corpus next to a one-row pairs table. Each contender runs in its own subprocess, so its peak RSS
-(ru_maxrss; its decoding workers reported separately) is its own:
+(ru_maxrss) is its own. The stage's decoding workers are reported apart, as the largest one's peak
+RSS: they are forked after the model is loaded, so that figure includes pages shared with the main
+process (counted once in reality). To check that memory does not grow with the corpus, compare
+the stage's peak RSS at two corpus sizes (`--images 500` and `--images 4000`, say):
 
 - stage: `misp-dpo embed` end to end, one task: plan (list, hash), load the model, decode in
   DataLoader workers, sha1, encode, L2-normalise, write Parquet, manifest;
@@ -82,6 +85,9 @@ def role_raw(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from PIL import Image
 
+    from misp_dpo.embed.clip import register_model_configs
+
+    register_model_configs()  # only so that --model misp-tiny-clip names a model here too
     started = time.perf_counter()
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     model, _, preprocess = open_clip.create_model_and_transforms(args.model, device=device)
@@ -122,7 +128,9 @@ def main() -> None:
     images = 96 if args.quick else args.images
     if args.role:
         result = role_stage(args) if args.role == "stage" else role_raw(args)
-        result |= {"rss_mb": peak_rss_mb(), "children_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+        # the raw loop has no workers (its only child is a helper that importing torch runs)
+        workers = peak_rss_mb(resource.RUSAGE_CHILDREN) if args.role == "stage" else 0.0
+        result |= {"rss_mb": peak_rss_mb(), "workers_rss_mb": workers}
         print(json.dumps(result))
         return
     make_images(Path(args.work) / "corpus", images, args.size)
@@ -133,9 +141,11 @@ def main() -> None:
     raw, stage = (min(runs[role], key=lambda r: r["seconds"]) for role in ("raw", "stage"))
     for name, result in (("raw open_clip loop", raw), ("embed stage", stage)):
         rate = result["images"] / result["seconds"]
+        workers = result["workers_rss_mb"]
         print(
             f"{name:>18}: {result['images']} images in {result['seconds']:.1f} s = {rate:.1f} images/s, "
-            f"peak RSS {result['rss_mb']:.0f} MB (decoding workers {result['children_rss_mb']:.0f} MB)"
+            f"peak RSS {result['rss_mb']:.0f} MB"
+            + (f" (largest decoding worker {workers:.0f} MB, shared pages included)" if workers else "")
         )
     ratio = (stage["images"] / stage["seconds"]) / (raw["images"] / raw["seconds"])
     setting = f"{args.model}, random weights, batch {args.batch_size}, {args.num_workers} decoding workers"

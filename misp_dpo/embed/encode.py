@@ -2,7 +2,9 @@
 
 The encoder runs here, in the task's main process, on what the decoding workers prepared. Images
 already embedded earlier in the task (same sha1) are not encoded again; a pair whose image failed,
-or whose prompt or chosen response is empty, is dropped and reported as a failure.
+or whose prompt or chosen response is empty, is dropped and reported as a failure. Remembering
+which images a task has embedded is the only state that grows with the task: 20 bytes per distinct
+image (`SeenImages`), so a task of 10M images holds 200 MB; `--tasks` bounds it.
 """
 
 from __future__ import annotations
@@ -33,12 +35,48 @@ class EmbeddedBatch:
     counts: Counter[str]
 
 
-def _new_images(encoder: ClipEncoder, batch: PreparedBatch, seen: set[str]) -> pa.Table | None:
-    keep = [r for r, image_id in enumerate(batch.pixel_ids) if image_id not in seen]
+class SeenImages:
+    """The sha1 digests a task has embedded, in sorted numpy runs: 20 bytes an image.
+
+    A Python set of hex ids costs about 120 bytes an image. Each batch's new digests become a
+    sorted run; runs merge like a binary counter (a run absorbs the previous one when it is no
+    larger), so there are O(log n) runs to search and each digest is copied O(log n) times.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # sorted "S20" arrays, longest first
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _contains(self, digests: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, digests), len(run) - 1)
+            found |= run[at] == digests
+        return found
+
+    def add(self, ids: list[str]) -> np.ndarray:
+        """Mark distinct hex sha1 `ids` as seen; True where an id had not been seen before."""
+        digests = np.array([bytes.fromhex(i) for i in ids], dtype="S20")
+        new = ~self._contains(digests) if len(digests) else np.zeros(0, dtype=bool)
+        run = np.sort(digests[new])
+        self.count += len(run)
+        while len(run) and self.runs and len(self.runs[-1]) <= len(run):
+            smaller, run = sorted((self.runs.pop(), run), key=len)
+            run = np.insert(run, np.searchsorted(run, smaller), smaller)
+        if len(run):
+            self.runs.append(run)
+        return new
+
+
+def _new_images(encoder: ClipEncoder, batch: PreparedBatch, seen: SeenImages) -> pa.Table | None:
+    new = seen.add(batch.pixel_ids)
+    keep = np.flatnonzero(new).tolist()
     if not keep:
         return None
     ids = [batch.pixel_ids[r] for r in keep]
-    seen.update(ids)
     pixels = batch.pixels if len(keep) == len(batch.pixel_ids) else batch.pixels[torch.tensor(keep)]
     first_uri: dict[str, str] = {}
     for image_id, uri in zip(batch.ids, batch.uris, strict=True):
@@ -93,7 +131,7 @@ def _pairs(encoder: ClipEncoder, batch: PreparedBatch) -> tuple[pa.Table | None,
 
 def embed_batches(encoder: ClipEncoder, batches: Iterable[PreparedBatch]) -> Iterator[EmbeddedBatch]:
     """Encode a task's batches in order; images are deduplicated over the whole task by sha1."""
-    seen: set[str] = set()
+    seen = SeenImages()
     for batch in batches:
         before = len(seen)
         images = _new_images(encoder, batch, seen)

@@ -75,15 +75,15 @@ class RetrievalMetrics:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def decode_pixels(pngs: Iterable[bytes], size: int) -> torch.Tensor:
-    """(N, 3, size, size) uint8 from encoded images, resized only when they differ from `size`."""
-    arrays = []
-    for data in pngs:
+def decode_pixels(pngs: Iterable[bytes], count: int, size: int) -> torch.Tensor:
+    """(count, 3, size, size) uint8 from `count` encoded images, resized only when not `size`."""
+    pixels = np.empty((count, size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(pngs):
         image = Image.open(io.BytesIO(data)).convert("RGB")
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(image))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        pixels[i] = np.asarray(image)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -227,17 +227,25 @@ def retrieval_metrics(
 ) -> RetrievalMetrics:
     """Text->image retrieval and nearest-neighbour attribute agreement on held-out images."""
     images, captions, combo_of = encode_data(model, tokenizer, held)
+    return score_retrieval(images, captions, combo_of, held.codes)
+
+
+def score_retrieval(
+    images: torch.Tensor, captions: torch.Tensor, combo_of: np.ndarray, codes: np.ndarray
+) -> RetrievalMetrics:
+    """The metrics from normalised features: `captions[c]` describes the attribute combination c of
+    `np.unique(codes, axis=0)`, and image i has combination `combo_of[i]` (attribute codes `codes[i]`)."""
     n = len(images)
     ranking = torch.argsort(captions @ images.T, dim=1, descending=True)[:, :5].numpy()
     hits = combo_of[ranking] == np.arange(len(captions))[:, None]
     matches = np.bincount(combo_of, minlength=len(captions))
-    combos = np.unique(held.codes, axis=0)
-    top_codes = held.codes[ranking[:, 0]]
+    combos = np.unique(codes, axis=0)
+    top_codes = codes[ranking[:, 0]]
     similarity = images @ images.T
     similarity.fill_diagonal_(-math.inf)
     neighbour = similarity.argmax(dim=1).numpy()
-    shared = (held.codes == held.codes[neighbour]).mean()
-    agree = (held.codes[:, None, :] == held.codes[None, :, :]).mean(axis=2)
+    shared = (codes == codes[neighbour]).mean()
+    agree = (codes[:, None, :] == codes[None, :, :]).mean(axis=2)
     return RetrievalMetrics(
         images=n,
         queries=len(captions),

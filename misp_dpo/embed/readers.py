@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -280,27 +281,38 @@ def list_folder(root: Path) -> FolderCorpus:
 
 
 def list_tars(shards: list[Path], flag: str) -> TarCorpus:
-    """Image members of each shard, in shard order then archive order (as webdataset reads them)."""
-    index, members, offsets, sizes = [], [], [], []
+    """Image members of each shard, in shard order then archive order (as webdataset reads them).
+
+    Each shard's headers become Arrow arrays before the next shard is read, so the listing never
+    holds the whole corpus as Python objects (only one shard's headers at a time).
+    """
+    shard_index, members, offsets, sizes = [], [], [], []
     for s, shard in enumerate(shards):
-        try:
-            with tarfile.open(shard, "r:") as archive:
-                while (info := archive.next()) is not None:
-                    archive.members.clear()  # tarfile would keep every header otherwise
-                    if info.isfile() and os.path.splitext(info.name)[1].lower() in IMAGE_EXTENSIONS:
-                        index.append(s)
-                        members.append(info.name)
-                        offsets.append(info.offset_data)
-                        sizes.append(info.size)
-        except (tarfile.TarError, OSError) as error:
-            raise UserError(f"{flag} {shard}: not a readable uncompressed tar ({error})") from None
+        member, offset, size = _tar_members(shard, flag)
+        shard_index.append(pa.array(np.full(len(member), s, np.int32)))
+        members.append(member)
+        offsets.append(offset)
+        sizes.append(size)
     return TarCorpus(
         tuple(os.path.abspath(s) for s in shards),
-        pa.array(index, pa.int32()),
-        pa.array(members, pa.string()),
-        pa.array(offsets, pa.int64()),
-        pa.array(sizes, pa.int64()),
+        *(pa.concat_arrays(chunks) for chunks in (shard_index, members, offsets, sizes)),
     )
+
+
+def _tar_members(shard: Path, flag: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """(name, data offset, size) of the image members of one uncompressed tar, from its headers."""
+    members, offsets, sizes = [], [], []
+    try:
+        with tarfile.open(shard, "r:") as archive:
+            while (info := archive.next()) is not None:
+                archive.members.clear()  # tarfile would keep every header otherwise
+                if info.isfile() and os.path.splitext(info.name)[1].lower() in IMAGE_EXTENSIONS:
+                    members.append(info.name)
+                    offsets.append(info.offset_data)
+                    sizes.append(info.size)
+    except (tarfile.TarError, OSError) as error:
+        raise UserError(f"{flag} {shard}: not a readable uncompressed tar ({error})") from None
+    return pa.array(members, pa.string()), pa.array(offsets, pa.int64()), pa.array(sizes, pa.int64())
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -19,6 +19,7 @@ from misp_dpo.embed.clip import (
     ClipEncoder,
     describe_model,
     register_model_configs,
+    resolve_device,
 )
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines.fit_clip import FitClipConfig, FitClipStage
@@ -113,3 +114,13 @@ def test_random_weights_are_seeded() -> None:
     first = ClipEncoder(describe_model(TINY_MODEL), "cpu", seed=0).texts(tokens)
     assert np.array_equal(ClipEncoder(describe_model(TINY_MODEL), "cpu", seed=0).texts(tokens), first)
     assert not np.array_equal(ClipEncoder(describe_model(TINY_MODEL), "cpu", seed=1).texts(tokens), first)
+
+
+def test_device_auto_takes_cuda_only_when_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(UserError, match="--device cuda: no CUDA device is visible"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == "cuda"

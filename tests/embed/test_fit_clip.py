@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from misp_dpo.embed.fit_clip import _chance_recall, split_holdout
+from misp_dpo.embed.fit_clip import _chance_recall, score_retrieval, split_holdout
 from misp_dpo.pipelines.fit_clip import FitClipConfig, FitClipStage
 from misp_dpo.pipelines.runner import RunOptions, run_stage
 from misp_dpo.pipelines.synth import SynthConfig, SynthStage
@@ -42,3 +44,27 @@ def test_short_run_retrieves_far_above_chance(tmp_path: Path) -> None:
     assert retrieval["recall5"] > 10 * retrieval["chance_recall5"]
     assert retrieval["neighbour_shared"] > retrieval["chance_neighbour_shared"] + 0.2
     assert metrics["loss_last"] < metrics["loss_first"] - 1.0
+
+
+def _features(rows: np.ndarray, width: int) -> torch.Tensor:
+    return F.normalize(F.one_hot(torch.as_tensor(rows), width).float() + 0.01, dim=-1)
+
+
+def test_retrieval_scores_of_perfect_and_of_misleading_features() -> None:
+    # 4 combinations of 2 attributes, 3 images each; caption c describes np.unique(codes)[c]
+    codes = np.array([[a, b] for a in range(2) for b in range(2) for _ in range(3)])
+    combo_of = np.repeat(np.arange(4), 3)
+    images = _features(combo_of, 4) + 0.001 * torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    perfect = score_retrieval(images, _features(np.arange(4), 4), combo_of, codes)
+    assert (perfect.images, perfect.queries) == (12, 4)
+    assert (
+        perfect.top1 == perfect.recall5 == perfect.top1_attribute_accuracy == perfect.neighbour_shared == 1.0
+    )
+    assert perfect.chance_top1 == pytest.approx(0.25)
+    assert perfect.chance_recall5 == pytest.approx(1 - math.comb(9, 5) / math.comb(12, 5))
+    # another image: 2 of 11 share both attributes, 6 share one, 3 share none
+    assert perfect.chance_neighbour_shared == pytest.approx((2 * 1.0 + 6 * 0.5) / 11)
+    # each caption points at the combination with both attributes flipped
+    wrong = score_retrieval(images, _features(np.array([3, 2, 1, 0]), 4), combo_of, codes)
+    assert wrong.top1 == 0.0 and wrong.top1_attribute_accuracy == 0.0
+    assert wrong.neighbour_shared == 1.0  # the image-image neighbours are still right
