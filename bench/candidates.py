@@ -173,6 +173,7 @@ def role_st(args: argparse.Namespace) -> dict:
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
     store, _, _ = _store_and_queries(args)
+    from misp_dpo.pipelines.candidates import CandidatesConfig
     from misp_dpo.pipelines.embeddings import read_embeddings
     from misp_dpo.pipelines.io import read_table
 
@@ -194,7 +195,7 @@ def role_st(args: argparse.Namespace) -> dict:
         corpus=names,
         range_max=args.pool + HEADROOM,
         num_negatives=args.pool,
-        absolute_margin=1 - 0.95,
+        absolute_margin=1 - CandidatesConfig.dup_threshold,  # anchor = positive: its near-duplicates
         output_format="labeled-list",
         batch_size=16384,
         use_faiss=True,

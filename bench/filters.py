@@ -102,7 +102,7 @@ def sweep(pools_for: object, before: dict[str, float], dups: str, margins: str) 
         for margin in (float(m) for m in margins.split(",")):
             r = pools_for(dup_threshold=dup, margin=margin)  # type: ignore[operator]
             kept = r["one_off_per_pair"] / before["one_off_per_pair"]
-            print(f"{dup:>13.3f} {margin:>7.2f} {r['same']:>7.2%} {r['one_off']:>8.2%} {kept:>13.0%}")
+            print(f"{dup:>13.3f} {margin:>7.3f} {r['same']:>7.2%} {r['one_off']:>8.2%} {kept:>13.0%}")
 
 
 def ivf_recall(store: ImageStore, positive_rows: np.ndarray, exact: Searcher, pool: int) -> None:

@@ -23,8 +23,9 @@ For a batch of pairs (DESIGN §6, "Candidates"):
    neighbours, which would always outrank them;
 5. rank the kept images by similarity to the positive (rank 0 = most similar), ties by store row.
 
-Everything is vectorised over the batch; candidates are gathered in sub-batches so memory stays at
-about SUB_BATCH x 2k x D floats.
+Everything is vectorised over the batch; candidates are gathered in sub-batches of at most
+GATHER_FLOATS floats (128 pairs x 160 candidates x 512 dimensions at the default pool), so memory
+stays flat whatever the pool size: a pool of 5000 gathers a few pairs at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 # Re-encoding one picture moves its embedding by ~1e-6 in squared distance (bf16 arithmetic,
 # float16 storage); the closest distinct images of the demo's tiny CLIP are 3e-5 apart.
 IDENTICAL_DISTANCE2 = 1e-5
-SUB_BATCH = 128  # pairs whose candidates are gathered at once: 128 x 160 x 512 float32 = 42 MB
+GATHER_FLOATS = 128 * 160 * 512  # candidate embeddings gathered at once, as float32: 42 MB
 FILTERS = ("self", "duplicate", "near_duplicate", "false_negative")
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -47,16 +48,18 @@ SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 class PoolSettings:
     """Pool size and filter thresholds (see the module docstring for what each does).
 
-    The default thresholds come from `bench/filters.py` on the demo corpus: with them, images that
-    share every attribute with the positive fall from 5.2% of the pool to 1.5%, while 56% of the
-    images that differ in one attribute (the hard negatives) stay.
+    The default thresholds come from `bench/filters.py --sweep` on the demo corpus (4000 pairs,
+    pool 64): with them, images that share every attribute with the positive fall from 4.9% of the
+    pool to 1.2%, while 55% of the images that differ in one attribute (the hard negatives) stay.
+    The false-negative margin removes fewer hard negatives per false negative caught than the
+    near-duplicate threshold, so the threshold only takes what is almost the same picture.
     """
 
     pool: int = 64
     headroom: int = 16
     prompt_share: float = 0.25
-    dup_threshold: float = 0.98
-    margin: float = 0.0
+    dup_threshold: float = 0.99
+    margin: float = 0.01
     min_pool: int = 8
 
     def __post_init__(self) -> None:
@@ -110,8 +113,9 @@ def build_pools(
         union = merge_neighbours(found[:n_pairs], found[n_pairs:])
     else:  # no prompt slots: the prompt's neighbours could only fill holes, not worth a second search
         union = merge_neighbours(search(positive, k)[1], np.full((n_pairs, 0), -1, dtype=np.int64))
-    for lo in range(0, n_pairs, SUB_BATCH):
-        part = slice(lo, lo + SUB_BATCH)
+    step = max(1, GATHER_FLOATS // (union.shape[1] * vectors.shape[1]))
+    for lo in range(0, n_pairs, step):
+        part = slice(lo, lo + step)
         sims = candidate_sims(vectors, union[part], positive[part], prompt[part], chosen[part])
         reference = positive_reference(positive[part], chosen[part])
         keep, counts = apply_filters(union[part], positive_rows[part], sims, reference, settings)

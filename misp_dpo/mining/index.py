@@ -2,9 +2,9 @@
 
 Exact search (`IndexFlatIP`) whenever its float32 copy of the corpus fits the memory budget; above it
 an IVF index whose codes fit (SQ8, else PQ), or any FAISS factory string the user names. The index
-is built on the CPU and, when FAISS sees GPUs, cloned onto all of them, sharded. FAISS on GPU returns
-at most 2048 neighbours per query: a larger k keeps the search on the CPU (with a warning), so no
-result is ever silently truncated.
+is built on the CPU and, when FAISS sees GPUs, copied onto all of them, replicated or sharded
+(`misp_dpo.mining.gpu`). FAISS on GPU returns at most 2048 neighbours per query: a larger k keeps the
+search on the CPU (with a warning), so no result is ever silently truncated.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER
+from misp_dpo.mining.gpu import GpuLayout, to_gpus
 
 GPU_MAX_K = 2048  # FAISS GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh, GPU_MAX_SELECTION_K)
 TRAIN_PER_LIST = 64  # IVF training vectors per inverted list (FAISS warns below 39)
@@ -192,16 +193,30 @@ def resolve_device(device: Device, num_gpus: int, k: int) -> Literal["cpu", "cud
 
 
 class Searcher:
-    """A built index ready to search in batches, on all GPUs or on the CPU, nprobe set."""
+    """A built index ready to search in batches, on all GPUs or on the CPU, nprobe set.
 
-    def __init__(self, index: Any, spec: IndexSpec, device: Device, k: int) -> None:
+    On GPUs the index is replicated or sharded over all of them (`misp_dpo.mining.gpu`); when FAISS
+    cannot move it there (index type, memory) the search stays on the CPU, with a warning.
+    """
+
+    def __init__(
+        self,
+        index: Any,
+        spec: IndexSpec,
+        device: Device,
+        k: int,
+        layout: GpuLayout = "auto",
+        float16: bool = True,
+    ) -> None:
         faiss = import_faiss()
-        self.on_gpu = False
-        if resolve_device(device, faiss.get_num_gpus(), k) == "cuda":
-            gpu_index = _to_all_gpus(index)
-            if gpu_index is not None:
-                index, self.on_gpu = gpu_index, True
-        if spec.nprobe:
+        self.on_gpu, self.layout = False, "cpu"
+        gpus = faiss.get_num_gpus()
+        if resolve_device(device, gpus, k) == "cuda":
+            placed = to_gpus(index, gpus, layout, float16)
+            if placed is not None:
+                index, self.layout = placed
+                self.on_gpu = True
+        if spec.nprobe:  # through replicas and shards too (ParameterSpace recurses into them)
             space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
             space.set_index_parameter(index, "nprobe", spec.nprobe)
         self.index = index
@@ -221,15 +236,3 @@ class Searcher:
             chunk = np.ascontiguousarray(queries[lo : lo + batch], dtype=np.float32)
             scores[lo : lo + len(chunk)], ids[lo : lo + len(chunk)] = self.index.search(chunk, k)
         return scores, ids
-
-
-def _to_all_gpus(index: Any) -> Any:
-    """The index sharded over every GPU, or None (with a warning) when FAISS cannot move this type."""
-    faiss = import_faiss()
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True  # each GPU holds 1/G of the corpus, so G GPUs hold G times more
-    try:
-        return faiss.index_cpu_to_all_gpus(index, co=options)
-    except RuntimeError as error:
-        LOGGER.warning(f"FAISS cannot put this index on GPU ({error}); searching on the CPU")
-        return None

@@ -47,29 +47,49 @@ class CandidatesConfig(ShardedConfig):
         help="an `embed` output folder (images-*, pairs-*, manifest.json)", hashed=False
     )
     out: Path = option(help="output folder for candidates-NNNNN.parquet", hashed=False)
-    pool: int = option(64, "candidates kept per pair after filtering, ranked by similarity to the positive")
+    pool: int = option(
+        PoolSettings.pool, "candidates kept per pair after filtering, ranked by similarity to the positive"
+    )
     headroom: int = option(
-        16, "extra neighbours retrieved per query beyond --pool, so filtering leaves it full"
+        PoolSettings.headroom,
+        "extra neighbours retrieved per query beyond --pool, so filtering leaves it full",
     )
     prompt_share: float = option(
-        0.25, "share of the pool filled by the survivors most similar to the prompt (the rest: to the image)"
+        PoolSettings.prompt_share,
+        "share of the pool filled by the survivors most similar to the prompt (the rest: to the image)",
     )
     dup_threshold: float = option(
-        0.98, "drop near-duplicates: cosine to the positive image >= this (values above 1 turn it off)"
+        PoolSettings.dup_threshold,
+        "drop near-duplicates: cosine to the positive image >= this (values above 1 turn it off)",
     )
     margin: float = option(
-        0.0,
+        PoolSettings.margin,
         "drop likely false negatives: cosine to the chosen response >= the positive's minus this "
         "(larger drops more; -2 turns it off)",
     )
-    min_pool: int = option(8, "pairs left with fewer candidates are counted (small_pools) and reported")
+    min_pool: int = option(
+        PoolSettings.min_pool, "pairs left with fewer candidates are counted (small_pools) and reported"
+    )
     index: str = option(
         "auto", "auto (exact until --max-index-memory, IVF above), flat, or a FAISS factory string"
     )
     max_index_memory: str = option("16GB", "memory budget of the index; `auto` picks exact search below it")
     nprobe: int = option(0, "inverted lists visited per query by IVF indexes (0: 1/16 of them, at least 16)")
     device: Literal["auto", "cpu", "cuda"] = option(
-        "auto", "auto: every GPU FAISS sees (sharded), else the CPU", hashed=False
+        "auto",
+        "auto: every GPU FAISS sees, else the CPU (and the CPU for --pool + --headroom > 2048)",
+        hashed=False,
+    )
+    gpu_layout: Literal["auto", "replicate", "shard"] = option(
+        "auto",
+        "on several GPUs: a copy of the index on each (queries split between them) or 1/G of it on "
+        "each (G times the capacity); auto replicates when a copy fits in 60% of every GPU's free memory",
+        hashed=False,
+    )
+    gpu_float16: bool = option(
+        True,
+        "store flat indexes as float16 on GPU: lossless for float16 embeddings, half the GPU memory",
+        hashed=False,
     )
     batch_size: int = option(4096, "pairs searched at once", hashed=False)
     index_dir: Path | None = option(
@@ -110,9 +130,10 @@ class CandidatesStage(Stage[CandidatesConfig]):
 
     name = "candidates"
     config = CandidatesConfig
-    # FAISS searches on every GPU the task sees (sharded): a Slurm task gets [slurm] gpus, a local run
-    # one worker per GPU unless --workers 1 (one process, the index sharded over all of them).
-    resources = TaskResources(cpus=2.0, gpus=1.0)
+    # One process holds the index on every GPU it sees, replicated or sharded (--gpu-layout): a local
+    # run starts one worker over all GPUs (--workers W: W workers, each on 1/W of the GPUs, each with
+    # its own copy of the corpus), a Slurm array task uses its [slurm] gpus, a Ray actor one GPU.
+    resources = TaskResources(cpus=2.0, gpus=1.0, all_gpus=True)
 
     def plan(self, cfg: CandidatesConfig) -> Plan:
         embeddings, clip = read_embeddings(cfg.embeddings)
@@ -192,14 +213,15 @@ _LOADED: dict[str, tuple[ImageStore, Searcher]] = {}  # this process's corpus, s
 
 def corpus(cfg: CandidatesConfig, embeddings: Manifest, work: CandidatesWork) -> tuple[ImageStore, Searcher]:
     """The image store and a ready searcher, loaded once per process and reused by its tasks."""
-    key = f"{work.index_key}:{cfg.device}:{cfg.settings().k}"
+    key = f"{work.index_key}:{cfg.device}:{cfg.gpu_layout}:{cfg.gpu_float16}:{cfg.settings().k}"
     if key not in _LOADED:
         _LOADED.clear()
         store = ImageStore.load(embeddings)
         pa.default_memory_pool().release_unused()  # parquet read buffers: peak RSS is store + index
         folder = cfg.index_dir if cfg.index_dir is not None else cfg.out / INDEX_DIR
         index = open_index(store.vectors, work.spec, cfg.seed, folder, work.index_key, cfg.save_index)
-        _LOADED[key] = (store, Searcher(index, work.spec, cfg.device, cfg.settings().k))
+        searcher = Searcher(index, work.spec, cfg.device, cfg.settings().k, cfg.gpu_layout, cfg.gpu_float16)
+        _LOADED[key] = (store, searcher)
     return _LOADED[key]
 
 

@@ -80,8 +80,14 @@ def visible_gpus() -> list[str]:
 
 
 def local_workers(requested: int, resources: TaskResources, gpus: list[str]) -> tuple[int, list[str]]:
-    """Worker count and the GPUs to pin them to: one worker per GPU for a GPU stage unless told."""
+    """Worker count and the GPUs to pin them to: one worker per GPU for a GPU stage unless told;
+    one worker over all GPUs for an `all_gpus` stage, or W workers each given gpus[w::W]."""
     pinned = gpus if resources.gpus > 0 else []
+    if resources.all_gpus and pinned:
+        workers = max(1, requested)
+        if workers >= len(pinned):
+            return workers, pinned
+        return workers, [",".join(pinned[w::workers]) for w in range(workers)]
     if requested > 0:
         return requested, pinned
     return max(1, len(pinned)), pinned

@@ -145,8 +145,8 @@ def _load_corpus(folder: Path) -> SynthData:
         encoded = table.column(name).combine_chunks().dictionary_encode()
         codes.append(encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64))
         vocab.append(encoded.dictionary.to_pylist())
-    paths = table.column("image").to_pylist()
-    pixels = fit_clip.decode_pixels(((folder / p).read_bytes() for p in paths), IMAGE_SIZE)
+    pngs = ((folder / path.as_py()).read_bytes() for path in table.column("image"))
+    pixels = fit_clip.decode_pixels(pngs, table.num_rows, IMAGE_SIZE)
     return fit_clip.SynthData(pixels, np.stack(codes, axis=1), names, vocab)
 
 

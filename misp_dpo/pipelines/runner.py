@@ -67,7 +67,8 @@ class RunOptions:
     workers: int = option(
         0,
         "tasks run concurrently (local processes or Ray actors); 0: one per visible GPU for stages "
-        "that use one, else 1 (Ray: as many as the cluster's free resources hold)",
+        "that use one (candidates: one over all GPUs), else 1 (Ray: as many as the cluster's free "
+        "resources hold)",
     )
     executor: Literal["local", "slurm", "ray"] = option(
         "local", "local processes; slurm: this array task's share (SLURM_ARRAY_TASK_ID/COUNT); ray"
@@ -157,6 +158,9 @@ class TaskResources:
     cpus: float = 1.0  # cores one task keeps busy (decoding workers, BLAS threads)
     gpus: float = 0.0  # GPUs one task uses when there are GPUs; 0: a CPU stage
     distributed: bool = False  # one task may span every GPU of a node under torchrun (the trainer)
+    # one process drives every GPU it sees (FAISS replicas or shards): the local executor starts one
+    # worker, not one per GPU; --workers W splits the GPUs between W workers
+    all_gpus: bool = False
 
 
 C = TypeVar("C", bound=StageConfig)

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 from misp_dpo.mining.candidates import (
+    GATHER_FLOATS,
     PoolSettings,
     apply_filters,
     build_pools,
     merge_neighbours,
     select_pool,
 )
+from misp_dpo.mining.index import GPU_MAX_K, IndexSpec, Searcher, build_index
 from misp_dpo.testing import clustered_unit_vectors
 
 
@@ -129,6 +131,25 @@ def test_tiny_corpus_gives_short_pools_and_empty_batch_works() -> None:
         brute_force(vectors), vectors, np.zeros(0, np.int64), np.zeros((0, 8)), chosen[:0], settings
     )
     assert empty.rows.shape == (0, 6) and empty.retrieved == 0
+
+
+def test_pools_above_the_gpu_k_limit_are_whole_and_gathered_in_parts() -> None:
+    rng = np.random.default_rng(2)
+    vectors, _ = clustered_unit_vectors(3000, 8, 5, 0.3, rng, dtype=np.float16)
+    settings = PoolSettings(pool=GPU_MAX_K + 52, headroom=16, dup_threshold=2.0, margin=-2.0)
+    searcher = Searcher(build_index(vectors, IndexSpec("Flat")), IndexSpec("Flat"), "auto", settings.k)
+    assert searcher.k_max is None, "k above the GPU limit searches on the CPU"
+    positive_rows = np.arange(0, 3000, 8)
+    assert len(positive_rows) * 2 * settings.k * 8 > GATHER_FLOATS, "needs several gather parts"
+    prompt, _ = clustered_unit_vectors(len(positive_rows), 8, 3, 0.3, rng)
+    chosen = -vectors[positive_rows].astype(np.float32)
+    pools = build_pools(searcher.search, vectors, positive_rows, prompt, chosen, settings)
+    assert (pools.sizes == settings.pool).all(), "never truncated to the GPU limit"
+    full = vectors.astype(np.float32)
+    for p in (0, len(positive_rows) - 1):
+        rows = pools.rows[p]
+        assert positive_rows[p] not in rows and len(set(rows.tolist())) == settings.pool
+        np.testing.assert_allclose(pools.sim_image[p], full[rows] @ full[positive_rows[p]], atol=1e-5)
 
 
 def test_settings_are_checked() -> None:

@@ -59,7 +59,7 @@ def test_one_filtered_ranked_pool_per_pair_in_order(embeddings: Manifest, tmp_pa
         assert [c["rank"] for c in pool] == list(range(len(pool)))
         assert row["image_id"] not in {c["image_id"] for c in pool}
         sims = [c["sim_image"] for c in pool]
-        assert sims == sorted(sims, reverse=True) and max(sims) < 0.98
+        assert sims == sorted(sims, reverse=True) and max(sims) < CandidatesConfig.dup_threshold
         positive = store.vectors[store.rows(pa.array([row["image_id"]]))[0]].astype(np.float32)
         ids = pa.array([c["image_id"] for c in pool])
         np.testing.assert_allclose(
@@ -126,7 +126,7 @@ def test_index_dir_is_shared_and_ivf_runs(embeddings: Manifest, tmp_path: Path) 
 def test_changed_config_is_refused_without_overwrite(embeddings: Manifest, tmp_path: Path) -> None:
     out = tmp_path / "cand"
     run(embeddings.root, out)
-    with pytest.raises(UserError, match=r"margin: 0.0 -> 0.1.*--overwrite"):
+    with pytest.raises(UserError, match=r"margin: 0.01 -> 0.1.*--overwrite"):
         run(embeddings.root, out, margin=0.1)
     assert run(embeddings.root, out, RunOptions(overwrite=True), margin=0.1).config["margin"] == 0.1
 

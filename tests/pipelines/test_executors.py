@@ -34,6 +34,14 @@ def test_local_workers_follow_the_gpus_only_for_stages_that_use_one() -> None:
     assert local_workers(3, CPU_STAGE, []) == (3, [])
 
 
+def test_an_all_gpus_stage_runs_one_worker_over_every_gpu_unless_told() -> None:
+    stage = TaskResources(cpus=2, gpus=1, all_gpus=True)  # the candidates stage: one FAISS index
+    assert local_workers(0, stage, ["0", "1", "2", "3"]) == (1, ["0,1,2,3"])
+    assert local_workers(2, stage, ["0", "1", "2", "3"]) == (2, ["0,2", "1,3"])
+    assert local_workers(4, stage, ["0", "1", "2", "3"]) == (4, ["0", "1", "2", "3"])
+    assert local_workers(0, stage, []) == (1, [])
+
+
 def test_visible_gpus_is_empty_without_cuda_and_reads_cuda_visible_devices_with_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
