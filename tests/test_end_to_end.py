@@ -6,6 +6,7 @@ stages exactly as `make mine && make train` does.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -84,7 +85,11 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         "negatives"
     )
     assert not (picked["image_id"] == picked["negatives"].struct.field("image_id")).any()
-    assert (root / "report" / "index.html").read_text().count("<img") >= 8 * 4
+    html = (root / "report" / "index.html").read_text()
+    shown = dataset.filter(pl.col("pair_id").is_in(re.findall(r'data-pair-id="([^"]+)"', html)))
+    assert shown.height == 8, "the report shows --limit pairs"
+    thumbs = html.count('<img src="thumbs/')
+    assert thumbs == shown.height + shown["negatives"].list.len().sum(), "a picture per positive and negative"
     metrics = pl.read_ndjson(root / "dpo" / "metrics.jsonl")
     assert metrics.height >= 3
     capsys.readouterr()
