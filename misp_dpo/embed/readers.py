@@ -24,6 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from misp_dpo.errors import UserError
+from misp_dpo.row_ranges import read_parquet_range, slice_rows
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TABLE_FORMATS = {
@@ -74,9 +75,9 @@ class Table:
         if hi <= lo:
             return
         if self.format == "parquet":
-            batches = _parquet_range(self.path, lo, hi, columns, batch_size)
+            batches = read_parquet_range(self.path, lo, hi, columns, batch_size)
         else:
-            batches = _skip_rows(self._stream(columns), lo, hi)
+            batches = slice_rows(self._stream(columns), lo, hi)
         yield from _rebatch(batches, batch_size)
 
     def _stream(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -89,33 +90,6 @@ class Table:
         else:
             for batch in pajson.open_json(self.path):
                 yield pa.RecordBatch.from_arrays([batch.column(c) for c in columns], names=columns)
-
-
-def _parquet_range(
-    path: Path, lo: int, hi: int, columns: list[str], batch_size: int
-) -> Iterator[pa.RecordBatch]:
-    """Only the row groups overlapping [lo, hi), sliced to the range."""
-    parquet = pq.ParquetFile(path)
-    starts, position = [], 0
-    for group in range(parquet.metadata.num_row_groups):
-        starts.append(position)
-        position += parquet.metadata.row_group(group).num_rows
-    groups = [g for g, s in enumerate(starts) if s < hi and s + parquet.metadata.row_group(g).num_rows > lo]
-    if not groups:
-        return
-    batches = parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns)
-    yield from _skip_rows(batches, lo - starts[groups[0]], hi - starts[groups[0]])
-
-
-def _skip_rows(batches: Iterator[pa.RecordBatch], lo: int, hi: int) -> Iterator[pa.RecordBatch]:
-    position = 0
-    for batch in batches:
-        b_lo, b_hi = max(lo - position, 0), min(hi - position, batch.num_rows)
-        if b_hi > b_lo:
-            yield batch.slice(b_lo, b_hi - b_lo)
-        position += batch.num_rows
-        if position >= hi:
-            return
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:

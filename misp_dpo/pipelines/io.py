@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from misp_dpo.row_ranges import read_parquet_range
+
 SHARD_DIGITS = 5
 ROW_GROUP_ROWS = 8192
 _WRITER_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
@@ -167,15 +169,7 @@ def iter_row_range(
     for path, count in zip(paths, rows_per_path, strict=True):
         end = start + count
         if end > lo and start < hi:
-            skip, stop = max(lo - start, 0), min(hi, end) - start
-            position = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-                b_lo, b_hi = max(skip - position, 0), min(stop - position, batch.num_rows)
-                if b_hi > b_lo:
-                    yield batch.slice(b_lo, b_hi - b_lo)
-                position += batch.num_rows
-                if position >= stop:
-                    break
+            yield from read_parquet_range(path, max(lo - start, 0), min(hi, end) - start, columns, batch_size)
         start = end
 
 
