@@ -26,7 +26,7 @@ import numpy as np
 from misp_dpo.log import configure_logging
 from misp_dpo.mining.attributes import AttributeTable, Quality, dataset_quality
 from misp_dpo.pipelines.io import iter_batches
-from misp_dpo.pipelines.mine import MineConfig, MineStage
+from misp_dpo.pipelines.mine import MineStage
 from misp_dpo.pipelines.pipeline_file import load_pipeline
 from misp_dpo.pipelines.runner import RunOptions, run_stage
 
@@ -34,20 +34,27 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = "misp targets: false negatives <= 1%, coverage >= 1.3 x nearest's, hardness <= nearest's + 1"
 
 
+def demo_stage(root: Path, name: str) -> tuple[object, object]:
+    """The demo pipeline's stage `name` and its config, with the paths under `root`."""
+    for stage, cfg, _ in load_pipeline(ROOT / "configs/demo.toml", str(root)):
+        if stage.name == name:
+            return stage, cfg
+    raise SystemExit(f"configs/demo.toml has no [{name}] stage")
+
+
 def train_sae(root: Path, variant: str, seed: int) -> Path:
     """The demo pipeline's [sae] stage with another variant / seed, into ROOT/quality/."""
-    stages = {
-        stage.name: (stage, cfg) for stage, cfg, _ in load_pipeline(ROOT / "configs/demo.toml", str(root))
-    }
-    stage, cfg = stages["sae"]
+    stage, cfg = demo_stage(root, "sae")
     out = root / "quality" / f"sae-{variant}-s{seed}"
-    run_stage(stage, dataclasses.replace(cfg, out=out, variant=variant, seed=seed), RunOptions())
+    run_stage(stage, dataclasses.replace(cfg, out=out, variant=variant, seed=seed), RunOptions())  # type: ignore[arg-type, type-var]
     return out
 
 
 def mine(root: Path, name: str, strategy: str, sae: Path | None, seed: int, **extra: object) -> Path:
+    """The demo pipeline's [mine] settings (weights, beta_div, relevance, N) with another strategy."""
+    _, demo = demo_stage(root, "mine")
     out = root / "quality" / name
-    cfg = MineConfig(out=out, candidates=root / "candidates", sae=sae, strategy=strategy, seed=seed, **extra)
+    cfg = dataclasses.replace(demo, out=out, sae=sae, strategy=strategy, seed=seed, **extra)  # type: ignore[type-var]
     run_stage(MineStage(), cfg, RunOptions())
     return out
 
@@ -135,9 +142,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "runs/demo")
     parser.add_argument("--seeds", default="0,1,2", help="SAE training and random-draw seeds")
     parser.add_argument(
-        "--beta-div", type=float, default=None, help="override mine's beta_div (misp, maxmin)"
+        "--beta-div", type=float, default=None, help="override the demo's [mine] beta_div (misp, maxmin)"
     )
-    parser.add_argument("--weights", default=None, help="override mine's w_l,w_v (misp)")
+    parser.add_argument("--weights", default=None, help="override the demo's [mine] w_l,w_v (misp)")
+    parser.add_argument(
+        "--relevance", type=float, default=None, help="override the demo's [mine] relevance (misp)"
+    )
     args = parser.parse_args()
     configure_logging("json")
     import logging
@@ -152,6 +162,8 @@ def main() -> None:
     extra: dict[str, object] = {}
     if args.beta_div is not None:
         extra["beta_div"] = args.beta_div
+    if args.relevance is not None:
+        extra["relevance"] = args.relevance
     if args.weights is not None:
         extra["weights"] = tuple(float(w) for w in args.weights.split(","))
     started = time.perf_counter()

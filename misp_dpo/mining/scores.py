@@ -62,13 +62,35 @@ def pool_max_normalised(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask & (top > 0), values / scale, 0.0)
 
 
+def pool_min_max_normalised(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(values - min) / (max - min) over the pair's pool, in [0, 1]; 0 where the pool is flat."""
+    low = np.where(mask, values, np.inf).min(axis=1, keepdims=True, initial=np.inf)
+    high = np.where(mask, values, -np.inf).max(axis=1, keepdims=True, initial=-np.inf)
+    spread = high - low
+    ok = mask & np.isfinite(spread) & (spread > 0)
+    return np.where(ok, (values - np.where(ok, low, 0.0)) / np.where(ok, spread, 1.0), 0.0)
+
+
 def misp_score(
-    recon_error: np.ndarray, deviation: np.ndarray, mask: np.ndarray, weights: tuple[float, float]
+    recon_error: np.ndarray,
+    deviation: np.ndarray,
+    mask: np.ndarray,
+    weights: tuple[float, float],
+    relevance: float = 0.0,
+    sim_image: np.ndarray | None = None,
 ) -> np.ndarray:
-    """s_i = w_l * l_i / max_pool l + w_v * v_i / max_pool v (the paper's equal weights by default)."""
+    """s_i = w_l * l_i / max_pool l + w_v * v_i / max_pool v (the paper's equal weights by default),
+    plus `relevance` times the candidate's similarity to the positive, min-max normalised over the
+    pool [ours]. Both paper terms grow with how far a difference is from the typical one, so on their
+    own they favour candidates that change many things; the relevance term pulls the picks back
+    towards the positive (harder negatives) at a chosen rate. 0 gives the paper's score."""
     w_l, w_v = weights
     s = w_l * pool_max_normalised(recon_error.astype(np.float64), mask)
     s = s + w_v * pool_max_normalised(deviation.astype(np.float64), mask)
+    if relevance:
+        if sim_image is None:
+            raise ValueError("a relevance weight needs the candidates' sim_image")
+        s = s + relevance * pool_min_max_normalised(sim_image.astype(np.float64), mask)
     return np.where(mask, s, 0.0)
 
 

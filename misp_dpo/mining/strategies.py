@@ -7,6 +7,8 @@
 | nearest  | sim_image                       | v(m_c) - v(m_p), unused  | 0          | softmax(s_i / tau) |
 | random   | null (seeded uniform keys rank) | v(m_c) - v(m_p), unused  | 0          | 1 / pool size      |
 
+With `relevance` > 0 [ours], misp's s_i also adds relevance x sim_image min-max normalised over
+the pool (`misp_dpo.mining.scores.misp_score`).
 `diversity_gain` is always min_{j in S}(1 - cos(f_i, f_j)) at pick time in the strategy's own
 space (0 for the first pick), so it is recorded even where beta_div = 0 does not use it.
 `recon_error` (l_i) and `deviation` (v_i) come from the SAE whenever one is given, for every
@@ -37,6 +39,7 @@ class SelectionParams:
     weights: tuple[float, float] = (1.0, 1.0)  # (w_l, w_v)
     beta_div: float = 1.0
     tau: float = 1.0
+    relevance: float = 0.0  # weight of the pool-normalised similarity to the positive in s [ours]
 
 
 class Pools(NamedTuple):
@@ -85,7 +88,7 @@ def _strategy_inputs(
     if params.strategy == "misp":
         if sae is None or v is None:
             raise ValueError("strategy misp needs SAE codes")
-        s = misp_score(sae.recon_error, v, pools.mask, params.weights)
+        s = misp_score(sae.recon_error, v, pools.mask, params.weights, params.relevance, pools.sim_image)
         return s, s, sae.codes, params.beta_div
     clip_difference = pools.candidates - pools.positive[:, None, :]
     s = pools.sim_image.astype(np.float64)

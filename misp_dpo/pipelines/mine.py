@@ -49,6 +49,11 @@ class MineConfig(ShardedConfig):
     )
     weights: tuple[float, ...] = option((1.0, 1.0), "w_l,w_v: weights of the normalised l_i and v_i in s_i")
     beta_div: float = option(1.0, "weight of the diversity term min_j (1 - cos(z_i, z_j)) in the greedy pick")
+    relevance: float = option(
+        0.0,
+        "[ours] weight of the similarity to the positive (min-max normalised over the pool) added to "
+        "s_i: pulls picks towards harder negatives; 0 is the paper's score",
+    )
     tau: float = option(1.0, "temperature of the proposal q_i = softmax over the pool of s_i / tau")
     drop_short: bool = option(False, "drop pairs whose filtered pool has fewer than N candidates")
     format: Literal["listwise", "pairwise"] = option(
@@ -67,6 +72,8 @@ class MineConfig(ShardedConfig):
             )
         if self.beta_div < 0:
             raise ValueError(f"beta_div must be non-negative, got {self.beta_div}")
+        if self.relevance < 0:
+            raise ValueError(f"relevance must be non-negative, got {self.relevance}")
         if self.tau <= 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
         if self.batch_size < 1:
@@ -74,7 +81,9 @@ class MineConfig(ShardedConfig):
 
     def params(self) -> SelectionParams:
         w_l, w_v = self.weights
-        return SelectionParams(self.strategy, self.negatives, (w_l, w_v), self.beta_div, self.tau)
+        return SelectionParams(
+            self.strategy, self.negatives, (w_l, w_v), self.beta_div, self.tau, self.relevance
+        )
 
 
 def load_sae_encoder(folder: Path, device: str) -> PoolEncoder:

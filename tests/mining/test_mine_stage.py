@@ -246,3 +246,7 @@ def test_weights_flag_parses_and_bad_values_are_refused() -> None:
         build_config(MineConfig, {"out": "o", "candidates": "c", "weights": "1,0.5,2"}, "flags")
     with pytest.raises(UserError, match="tau must be positive"):
         build_config(MineConfig, {"out": "o", "candidates": "c", "tau": 0.0}, "flags")
+    with pytest.raises(UserError, match="relevance must be non-negative"):
+        build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": -1.0}, "flags")
+    relevant = build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": 0.5}, "flags")
+    assert relevant.params().relevance == 0.5

@@ -101,3 +101,24 @@ def test_non_finite_pools_are_flagged_and_get_no_picks() -> None:
     assert not select_negatives(
         pools, SelectionParams("misp"), codes._replace(codes=padded_nan)
     ).invalid.any()
+
+
+def test_relevance_adds_the_pool_normalised_similarity_by_hand() -> None:
+    recon = np.array([[1.0, 2.0, 4.0, 9.0]])
+    dev = np.array([[2.0, 2.0, 1.0, 9.0]])
+    sim = np.array([[0.5, 0.9, 0.7, 0.1]])
+    mask = np.array([[True, True, True, False]])  # the last slot is padding: ignored by min/max
+    paper = misp_score(recon, dev, mask, (1.0, 1.0))
+    np.testing.assert_allclose(paper, [[1 / 4 + 1, 2 / 4 + 1, 1 + 1 / 2, 0]])
+    assert np.array_equal(misp_score(recon, dev, mask, (1.0, 1.0), 0.0, sim), paper)
+    with_relevance = misp_score(recon, dev, mask, (1.0, 1.0), 2.0, sim)
+    np.testing.assert_allclose(with_relevance - paper, [[2 * 0.0, 2 * 1.0, 2 * 0.5, 0.0]])
+    flat = misp_score(recon, dev, mask, (1.0, 1.0), 2.0, np.full((1, 4), 0.3))
+    assert np.array_equal(flat, paper), "a pool of equal similarities adds nothing"
+
+
+def test_a_dominant_relevance_picks_the_nearest() -> None:
+    pools, codes = make_pools()
+    nearest = select_negatives(pools, SelectionParams("nearest", negatives=3))
+    mined = select_negatives(pools, SelectionParams("misp", negatives=3, beta_div=0.0, relevance=1e6), codes)
+    np.testing.assert_array_equal(mined.picks, nearest.picks)
