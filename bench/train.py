@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -37,12 +38,19 @@ def peak_rss_gb() -> float:
 def prepare(work: Path, pairs: int) -> Path:
     from misp_dpo.pipelines.runner import RunOptions, run_stage
     from misp_dpo.pipelines.synth import SynthConfig, SynthStage
+    from misp_dpo.pipelines.validate import validate_output
     from misp_dpo.testing import write_negatives
 
     corpus, negatives = work / "corpus", work / f"negatives-{pairs}x8"
-    if not (corpus / "manifest.json").is_file():
+
+    def stale(folder: Path) -> bool:  # missing, or left by another version of the toolkit
+        return not (folder / "manifest.json").is_file() or bool(validate_output(folder)[0])
+
+    if stale(corpus):
+        shutil.rmtree(corpus, ignore_errors=True)
         run_stage(SynthStage(), SynthConfig(out=corpus, n=240, seed=0), RunOptions())
-    if not (negatives / "manifest.json").is_file():
+    if stale(negatives):
+        shutil.rmtree(negatives, ignore_errors=True)
         write_negatives(negatives, corpus, pairs=pairs, negatives=8, pool=24)
     return negatives
 

@@ -62,7 +62,7 @@ def manifest_hash(folder: Path) -> str:
 def read_manifest(folder: Path, stage: str | tuple[str, ...] | None = None, flag: str = "") -> Manifest:
     """Load a finished stage's manifest (of `stage`, or of any stage when None), or fail in one line."""
     stages = (stage,) if isinstance(stage, str) else stage or ()
-    wanted = " or ".join(f"`{s}`" for s in stages) or "misp-dpo stage"
+    wanted = " or ".join(f"`{s}`" for s in stages) or "misp-dpo"
     where = f"{flag} {folder}" if flag else str(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
