@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from misp_dpo.image_uris import read_uri
+
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "positive", "negatives")
 
 
@@ -47,26 +49,23 @@ class PairRecord:
 
 
 def load_image(uri: str | None, root: Path) -> Image.Image:
-    """Open a uri as `mine` writes it: a file path (absolute, `file://`, or relative to the dataset).
-
-    Images stored inside tables or tars (`table.parquet#row`, `shard.tar#member`) are not supported
-    yet; they, like missing or undecodable files, raise `SampleError`: a per-sample failure.
-    """
+    """Open a uri as `embed` records it (`misp_dpo.image_uris`: a file path, absolute or relative to
+    the dataset folder `root`, a tar:// member or a table cell). A missing, unreadable or undecodable
+    image raises `SampleError`: a per-sample failure."""
     if not uri:
         raise SampleError("missing image uri", "the row has no uri for this image")
-    if "#" in uri or ("://" in uri and not uri.startswith("file://")):
-        raise SampleError(
-            "unsupported image uri", f"{uri!r}: only file paths (absolute, file://, or relative) are read"
-        )
-    path = Path(uri.removeprefix("file://"))
-    path = path if path.is_absolute() else root / path
     try:
-        data = path.read_bytes()
-        image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")
+        data = read_uri(uri, root)
+    except FileNotFoundError as error:
+        raise SampleError("missing image file", str(error)) from None
+    except ValueError as error:
+        raise SampleError("unsupported image uri", str(error)) from None
     except OSError as error:
-        reason = "missing image file" if isinstance(error, FileNotFoundError) else "undecodable image"
-        raise SampleError(reason, f"{path}: {error}") from None
+        raise SampleError("unreadable image", f"{type(error).__name__}: {error}") from None
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except OSError as error:
+        raise SampleError("undecodable image", f"{uri}: {error}") from None
 
 
 class PreferenceData:

@@ -78,9 +78,8 @@ class PairsTable:
         return pa.RecordBatch.from_arrays(arrays, schema=TEXT_SCHEMA)
 
     def _images(self, batch: pa.RecordBatch, first_row: int) -> list[ImageRef | None]:
-        return image_refs(
-            batch.column(self.columns.image), self.table.path.parent, self.table.path, first_row
-        )
+        column = self.columns.image
+        return image_refs(batch.column(column), self.table.path.parent, self.table.path, column, first_row)
 
 
 def _as_string(column: pa.Array) -> pa.Array:

@@ -24,6 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from misp_dpo.errors import UserError
+from misp_dpo.image_uris import table_uri, tar_uri
 from misp_dpo.row_ranges import read_parquet_range, slice_rows
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -41,7 +42,7 @@ TABLE_FORMATS = {
 class ImageRef:
     """Where one image's bytes are: inline, a whole file, or `size` bytes at `offset` of a file."""
 
-    uri: str  # what the outputs record: an absolute path, tar://MEMBER::SHARD, or TABLE#row=N
+    uri: str  # what the outputs record (`misp_dpo.image_uris`): a path, tar:// member or table cell
     path: str | None = None
     data: bytes | None = None
     offset: int = 0
@@ -144,8 +145,9 @@ def check_image_column(table: Table, name: str, flag: str, column_flag: str) -> 
         )
 
 
-def image_refs(column: pa.Array, base: Path, table: Path, first_row: int) -> list[ImageRef | None]:
-    """Refs of one batch of an image column; None where a cell is null (no image given)."""
+def image_refs(column: pa.Array, base: Path, table: Path, name: str, first_row: int) -> list[ImageRef | None]:
+    """Refs of one batch of the image column `name`; None where a cell is null (no image given).
+    Bytes stored in the table are located by their cell (a struct's `path` is only a file name)."""
     kind = column.type
     if pa.types.is_struct(kind):
         names = {kind.field(i).name for i in range(kind.num_fields)}
@@ -159,7 +161,7 @@ def image_refs(column: pa.Array, base: Path, table: Path, first_row: int) -> lis
     refs: list[ImageRef | None] = []
     for i, (blob, path, present) in enumerate(zip(blobs, paths, valid, strict=True)):
         if present and blob is not None:
-            refs.append(ImageRef(uri=path or f"{table}#row={first_row + i}", data=blob))
+            refs.append(ImageRef(uri=table_uri(table, name, first_row + i), data=blob))
         elif present and path:
             local = os.path.abspath(os.path.join(base, path.removeprefix("file://")))
             refs.append(ImageRef(uri=local, path=local))
@@ -203,7 +205,7 @@ class TableCorpus:
     def iter_refs(self, lo: int, hi: int, batch_size: int) -> Iterator[list[ImageRef | None]]:
         row = lo
         for batch in self.table.iter_rows(lo, hi, [self.column], batch_size):
-            yield image_refs(batch.column(0), self.table.path.parent, self.table.path, row)
+            yield image_refs(batch.column(0), self.table.path.parent, self.table.path, self.column, row)
             row += batch.num_rows
 
 
@@ -228,7 +230,7 @@ class TarCorpus:
                 a.slice(start, n).to_pylist() for a in (self.shard, self.member, self.offset, self.size)
             ]
             yield [
-                ImageRef(uri=f"tar://{m}::{self.shards[s]}", path=self.shards[s], offset=o, size=z)
+                ImageRef(uri=tar_uri(m, self.shards[s]), path=self.shards[s], offset=o, size=z)
                 for s, m, o, z in zip(*columns, strict=True)
             ]
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
+from misp_dpo.image_uris import read_uri
 from misp_dpo.mining.attributes import AttributeTable, dataset_quality
 from misp_dpo.mining.report import NEGATIVE_SCORES, ShownImage, ShownPair, render_report, thumbnail
 from misp_dpo.pipelines import schemas
@@ -113,12 +114,6 @@ def _sample(shards: list[Path], total: int, limit: int, seed: int) -> pa.Table:
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
-def _read_image(uri: str) -> bytes:
-    if "://" in uri and not uri.startswith("file://"):
-        raise OSError(f"unsupported uri scheme in {uri!r} (the report reads local files)")
-    return Path(uri.removeprefix("file://")).read_bytes()
-
-
 def _thumbnails(table: pa.Table, size: int, ctx: TaskContext) -> dict[str, str | None]:
     """Thumbnail path (relative to the page) of every image in the sample; None where unreadable."""
     images: dict[str, str] = {}
@@ -136,7 +131,7 @@ def _thumbnails(table: pa.Table, size: int, ctx: TaskContext) -> dict[str, str |
         ctx.count("items")
         relative = f"thumbs/{hashlib.sha1(image_id.encode()).hexdigest()[:20]}.png"
         try:
-            png = thumbnail(_read_image(uri or ""), size)
+            png = thumbnail(read_uri(uri or ""), size)
         except (OSError, ValueError) as error:
             ctx.fail(uri or image_id, "unreadable image", str(error))
             thumbs[image_id] = None

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from misp_dpo.errors import UserError
+from misp_dpo.image_uris import read_uri
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings
 from misp_dpo.pipelines.io import read_table, vectors_to_numpy
 from misp_dpo.pipelines.validate import validate_output
@@ -153,4 +154,4 @@ def test_inline_image_bytes_in_the_pairs_table(tmp_path: Path) -> None:
     manifest = run_embed(tmp_path / "hf.parquet", tmp_path / "emb")
     assert manifest is not None and manifest.stats["pairs"] == 3
     uris = read_table(manifest.shard_paths("images"), ["uri"]).column(0).to_pylist()
-    assert uris == ["0.png", "1.png", "2.png"]
+    assert [read_uri(uri) for uri in uris] == [png(i) for i in range(3)], "each uri finds its bytes"

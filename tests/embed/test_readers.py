@@ -67,7 +67,8 @@ def test_hf_image_structs_with_bytes_or_path(tmp_path: Path) -> None:
     pairs = open_pairs(tmp_path / "hf.parquet", PairColumns())
     (rows,) = pairs.iter_rows(0, 3, 8)
     inline, on_disk, missing = rows.images
-    assert inline is not None and inline.read() == png(1) and inline.uri == "inline.png"
+    assert inline is not None and inline.read() == png(1)
+    assert inline.uri == f"{tmp_path / 'hf.parquet'}#column=image&row=0", "its cell, not its file name"
     assert on_disk is not None and on_disk.read() == png(5) and on_disk.uri.endswith("on_disk.png")
     assert missing is None
 
