@@ -10,6 +10,11 @@ kind of corpus they came from:
 - a cell of a Parquet table holding image bytes (or Hugging Face `{bytes, path}` structs):
   `TABLE#column=NAME&row=N`, N counted from 0 over the whole file.
 
+A dataset meant to travel with its images stores them relative to a root (`mine --uri-root`,
+`relative_to`): every path above (the file, the shard, the table) may then be relative, and
+readers resolve it against the root they are given (`--image-root`), as LLaVA-style training data
+pairs relative image paths with an image folder.
+
 Readers keep a small per-process cache of tar headers and Parquet row groups, so reading the
 images of a batch touches each shard's headers once and each row group once.
 """
@@ -17,12 +22,14 @@ images of a batch touches each shard's headers once and each row group once.
 from __future__ import annotations
 
 import functools
+import re
 import tarfile
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TAR_SCHEME = "tar://"
@@ -37,6 +44,21 @@ def table_uri(table: str | Path, column: str, row: int) -> str:
     return f"{table}#column={quote(column)}&row={row}"
 
 
+def relative_to(uris: pa.Array, root: Path) -> pa.Array:
+    """`uris` whose file, shard or table lies under `root` rewritten relative to it; others as they are."""
+    prefix = re.escape(str(root.resolve()).rstrip("/") + "/")
+    uris = pc.replace_substring_regex(uris, pattern=f"^(?:{re.escape(FILE_SCHEME)})?{prefix}", replacement="")
+    return pc.replace_substring_regex(uris, pattern=f"^tar://(.*?)::{prefix}", replacement=r"tar://\1::")
+
+
+def is_relative(uris: pa.Array) -> pa.Array:
+    """Which uris locate their bytes relative to a root (null uris count as not relative)."""
+    absolute = pc.or_(pc.starts_with(uris, "/"), pc.starts_with(uris, FILE_SCHEME))
+    tar_absolute = pc.match_substring(uris, "::/")
+    tar = pc.starts_with(uris, TAR_SCHEME)
+    return pc.fill_null(pc.if_else(tar, pc.invert(tar_absolute), pc.invert(absolute)), False)
+
+
 def read_uri(uri: str, root: Path | None = None) -> bytes:
     """The bytes `uri` points at. FileNotFoundError when they are gone, ValueError for a uri this
     cannot read (another scheme, a malformed locator), OSError for an unreadable container."""
@@ -44,6 +66,8 @@ def read_uri(uri: str, root: Path | None = None) -> bytes:
         member, _, shard = uri.removeprefix(TAR_SCHEME).partition("::")
         if not member or not shard:
             raise ValueError(f"{uri!r}: a tar uri is tar://MEMBER::SHARD")
+        if root is not None and not Path(shard).is_absolute():
+            shard = str(root / shard)
         return _tar_member(shard, member)
     if "://" in uri and not uri.startswith(FILE_SCHEME):
         raise ValueError(f"{uri!r}: only local files, tar:// members and table cells are read")

@@ -44,15 +44,18 @@ sae = "{root}/sae"
 out = "{root}/negatives"
 negatives = 3
 tasks = 2
+uri-root = "{root}/synth"
 [report]
 negatives = "{root}/negatives"
 attributes = "{root}/synth/attributes.parquet"
 out = "{root}/report"
 limit = 8
+image-root = "{root}/synth"
 [train]
 negatives = "{root}/negatives"
 model = "tiny"
 out = "{root}/dpo"
+image-root = "{root}/synth"
 max-steps = 3
 batch-size = 2
 """
@@ -85,6 +88,8 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         "negatives"
     )
     assert not (picked["image_id"] == picked["negatives"].struct.field("image_id")).any()
+    uris = picked["negatives"].struct.field("uri").drop_nulls()
+    assert uris.str.starts_with("images/").all(), "published relative to the mine's uri-root"
     html = (root / "report" / "index.html").read_text()
     shown = dataset.filter(pl.col("pair_id").is_in(re.findall(r'data-pair-id="([^"]+)"', html)))
     assert shown.height == 8, "the report shows --limit pairs"

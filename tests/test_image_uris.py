@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from misp_dpo.dpo.data import SampleError, load_image
-from misp_dpo.image_uris import read_uri, table_uri, tar_uri
+from misp_dpo.image_uris import is_relative, read_uri, relative_to, table_uri, tar_uri
 from tests.embed.images import png
 
 
@@ -74,3 +74,37 @@ def test_the_trainer_reads_every_kind_and_names_each_failure(tmp_path: Path) -> 
         with pytest.raises(SampleError) as failure:
             load_image(uri, tmp_path)
         assert failure.value.reason == reason, uri
+
+
+def test_relative_to_a_root_and_read_back_against_it(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "sub" / "a.png").write_bytes(png(1))
+    with tarfile.open(corpus / "s.tar", "w") as archive:
+        info = tarfile.TarInfo("m.png")
+        info.size = len(png(2))
+        archive.addfile(info, io.BytesIO(png(2)))
+    pq.write_table(pa.table({"image": pa.array([png(3)], pa.binary())}), corpus / "t.parquet")
+    uris = pa.array(
+        [
+            str(corpus / "sub" / "a.png"),
+            f"file://{corpus / 'sub' / 'a.png'}",
+            tar_uri("m.png", corpus / "s.tar"),
+            table_uri(corpus / "t.parquet", "image", 0),
+            str(tmp_path / "elsewhere.png"),
+            None,
+        ]
+    )
+    relative = relative_to(uris, corpus)
+    assert relative.to_pylist() == [
+        "sub/a.png",
+        "sub/a.png",
+        "tar://m.png::s.tar",
+        "t.parquet#column=image&row=0",
+        str(tmp_path / "elsewhere.png"),
+        None,
+    ]
+    assert is_relative(relative).to_pylist() == [True, True, True, True, False, False]
+    moved = tmp_path / "published"
+    corpus.rename(moved)  # the images travel; relative uris follow them
+    assert [read_uri(u, moved) for u in relative.to_pylist()[:4]] == [png(1), png(1), png(2), png(3)]

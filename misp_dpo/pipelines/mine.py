@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from misp_dpo.config import option, to_dict
 from misp_dpo.errors import UserError
+from misp_dpo.image_uris import is_relative, relative_to
 from misp_dpo.log import LOGGER, log_event
 from misp_dpo.mining.scores import PoolCodes, PoolEncoder, encode
 from misp_dpo.mining.selection import clean_pool, pair_seeds
@@ -58,6 +60,11 @@ class MineConfig(ShardedConfig):
     drop_short: bool = option(False, "drop pairs whose filtered pool has fewer than N candidates")
     format: Literal["listwise", "pairwise"] = option(
         "listwise", "listwise: one row per pair with a list of negatives; pairwise: one row per negative"
+    )
+    uri_root: Path | None = option(
+        None,
+        "write image locations under this folder relative to it (files, tar shards, tables), so the "
+        "dataset can be published with that folder; readers take it as --image-root",
     )
     batch_size: int = option(256, "pairs scored together (memory ~ batch x pool x (D + latents) floats)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "where the SAE runs", hashed=False)
@@ -128,6 +135,7 @@ class MineStage(Stage[MineConfig]):
             "strategy": cfg.strategy,
             "negatives": cfg.negatives,
             "format": cfg.format,
+            "uri_root": str(cfg.uri_root.resolve()) if cfg.uri_root is not None else None,
             "schema": schemas.schema_id(self.schema(cfg)),
         }
         total = candidates.rows("candidates")
@@ -175,6 +183,12 @@ class MineStage(Stage[MineConfig]):
 
     def finalize(self, cfg: MineConfig, plan: Plan, out: Path, stats: dict[str, Any]) -> list[str]:
         """Warn about short pairs and write the dataset card with its histograms."""
+        outside = stats.get("uris_outside_root", 0)
+        if outside:
+            LOGGER.warning(
+                f"mine: {outside} image locations are not under --uri-root {cfg.uri_root} and stay "
+                "absolute (stats key uris_outside_root)"
+            )
         short, dropped = stats.get("short_pairs", 0), stats.get("dropped_short", 0)
         if short:
             what = (
@@ -245,13 +259,22 @@ def mine_batch(
     picked_rows = np.take_along_axis(batch.rows, np.maximum(mined.picks, 0), axis=1)
     flat_rows = picked_rows[(mined.picks >= 0) & keep[:, None]]
     ids = pa.array(store.ids[flat_rows], pa.binary()).cast(pa.string())
-    uris = store.uris.take(pa.array(flat_rows))
+    uris = _located(store.uris.take(pa.array(flat_rows)), cfg.uri_root, ctx)
     positive_ids = pa.array(store.ids[positive_rows], pa.binary()).cast(pa.string())
-    positive_uris = store.uris.take(pa.array(positive_rows))
+    positive_uris = _located(store.uris.take(pa.array(positive_rows)), cfg.uri_root, ctx)
     build = negatives_table if cfg.format == "listwise" else pairwise_table
     table = build(batch.pairs, positive_ids, positive_uris, mined, keep, ids, uris)
     timings["build"] += time.perf_counter() - started
     return table
+
+
+def _located(uris: pa.Array, root: Path | None, ctx: TaskContext) -> pa.Array:
+    """The uris as published: relative to --uri-root when given (those outside it counted)."""
+    if root is None:
+        return uris
+    relative = relative_to(uris, root)
+    ctx.count("uris_outside_root", len(relative) - int(pc.sum(is_relative(relative)).as_py() or 0))
+    return relative
 
 
 def _keep(cfg: MineConfig, batch: PoolBatch, mined: Any, ctx: TaskContext) -> np.ndarray:

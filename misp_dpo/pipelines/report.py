@@ -40,6 +40,12 @@ class ReportConfig(StageConfig):
         hashed=False,
     )
     thumb_size: int = option(128, "largest side of the thumbnails, in pixels")
+    image_root: Path | None = option(
+        None,
+        "folder that relative image locations are resolved against (the dataset's --uri-root, "
+        "wherever it now lives); default: the dataset folder",
+        hashed=False,
+    )
 
     def __post_init__(self) -> None:
         if self.limit < 1:
@@ -73,7 +79,7 @@ class ReportStage(Stage[ReportConfig]):
         shards = negatives.shard_paths(schemas.NEGATIVES_SHARD_PREFIX)
         table = _sample(shards, negatives.rows(schemas.NEGATIVES_SHARD_PREFIX), cfg.limit, cfg.seed)
         attributes = _load_attributes(cfg.attributes) if cfg.attributes is not None else None
-        thumbs = _thumbnails(table, cfg.thumb_size, ctx)
+        thumbs = _thumbnails(table, cfg.thumb_size, cfg.image_root or negatives.root, ctx)
         pairs = _shown_pairs(table, thumbs, attributes)
         histograms = _histograms(shards, ctx)
         summary = _summary(negatives, len(pairs), ctx)
@@ -114,7 +120,7 @@ def _sample(shards: list[Path], total: int, limit: int, seed: int) -> pa.Table:
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
-def _thumbnails(table: pa.Table, size: int, ctx: TaskContext) -> dict[str, str | None]:
+def _thumbnails(table: pa.Table, size: int, root: Path, ctx: TaskContext) -> dict[str, str | None]:
     """Thumbnail path (relative to the page) of every image in the sample; None where unreadable."""
     images: dict[str, str] = {}
     if table.num_rows:
@@ -131,7 +137,7 @@ def _thumbnails(table: pa.Table, size: int, ctx: TaskContext) -> dict[str, str |
         ctx.count("items")
         relative = f"thumbs/{hashlib.sha1(image_id.encode()).hexdigest()[:20]}.png"
         try:
-            png = thumbnail(read_uri(uri or ""), size)
+            png = thumbnail(read_uri(uri or "", root), size)
         except (OSError, ValueError) as error:
             ctx.fail(uri or image_id, "unreadable image", str(error))
             thumbs[image_id] = None

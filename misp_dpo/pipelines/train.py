@@ -56,6 +56,12 @@ class TrainConfig(StageConfig):
         "instead of computing it; refused when made for another model or dataset",
         hashed=False,
     )
+    image_root: Path | None = option(
+        None,
+        "folder that relative image locations are resolved against (the --uri-root the dataset was "
+        "mined with, wherever it now lives); default: the dataset folder",
+        hashed=False,
+    )
     model_options: ModelConfig = option(ModelConfig(), "how the model is loaded and what trains")
     loss: LossConfig = option(LossConfig(), "the MISP-DPO objective")
     loop: LoopConfig = option(LoopConfig(), "the training loop")
@@ -228,7 +234,7 @@ def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> 
 
     policy = load_policy(cfg.model, cfg.model_options, cfg.seed, dist.local_rank)
     distributed.init(dist, policy.device)
-    data = PreferenceData(read_table(work.shards), work.negatives)
+    data = PreferenceData(read_table(work.shards), cfg.image_root or work.negatives)
     table, failures = load_or_compute_reference(cfg, work, out, policy, data, dist)
     reference = align_reference(table, data)
     rows = reference.trainable(data.counts)
