@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -51,14 +52,6 @@ def relative_to(uris: pa.Array, root: Path) -> pa.Array:
     return pc.replace_substring_regex(uris, pattern=f"^tar://(.*?)::{prefix}", replacement=r"tar://\1::")
 
 
-def is_relative(uris: pa.Array) -> pa.Array:
-    """Which uris locate their bytes relative to a root (null uris count as not relative)."""
-    absolute = pc.or_(pc.starts_with(uris, "/"), pc.starts_with(uris, FILE_SCHEME))
-    tar_absolute = pc.match_substring(uris, "::/")
-    tar = pc.starts_with(uris, TAR_SCHEME)
-    return pc.fill_null(pc.if_else(tar, pc.invert(tar_absolute), pc.invert(absolute)), False)
-
-
 def read_uri(uri: str, root: Path | None = None) -> bytes:
     """The bytes `uri` points at. FileNotFoundError when they are gone, ValueError for a uri this
     cannot read (another scheme, a malformed locator), OSError for an unreadable container."""
@@ -83,19 +76,23 @@ def read_uri(uri: str, root: Path | None = None) -> bytes:
     return _table_cell(str(path), fields["column"][0], int(fields["row"][0]))
 
 
+def tar_files(shard: str | Path) -> Iterator[tarfile.TarInfo]:
+    """The regular-file headers of an uncompressed tar, in archive order, reading headers only
+    (tarfile.TarError or OSError when it is not one)."""
+    with tarfile.open(shard, "r:") as archive:
+        while (info := archive.next()) is not None:
+            archive.members.clear()  # tarfile would keep every header otherwise
+            if info.isfile():
+                yield info
+
+
 @functools.lru_cache(maxsize=8)
 def _tar_index(shard: str) -> dict[str, tuple[int, int]]:
-    """member name -> (data offset, size), from the headers alone."""
-    index: dict[str, tuple[int, int]] = {}
+    """member name -> (data offset, size)."""
     try:
-        with tarfile.open(shard, "r:") as archive:
-            while (info := archive.next()) is not None:
-                archive.members.clear()  # tarfile would keep every header otherwise
-                if info.isfile():
-                    index[info.name] = (info.offset_data, info.size)
+        return {info.name: (info.offset_data, info.size) for info in tar_files(shard)}
     except tarfile.TarError as error:
         raise OSError(f"{shard}: not a readable uncompressed tar ({error})") from None
-    return index
 
 
 def _tar_member(shard: str, member: str) -> bytes:

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from misp_dpo.cli import main
+from misp_dpo.pipelines.manifest import read_manifest
 from misp_dpo.pipelines.validate import validate_output
 
 PIPELINE = """
@@ -90,6 +91,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (picked["image_id"] == picked["negatives"].struct.field("image_id")).any()
     uris = picked["negatives"].struct.field("uri").drop_nulls()
     assert uris.str.starts_with("images/").all(), "published relative to the mine's uri-root"
+    assert read_manifest(root / "negatives").stats["uris_outside_root"] == 0, "positives too"
     html = (root / "report" / "index.html").read_text()
     shown = dataset.filter(pl.col("pair_id").is_in(re.findall(r'data-pair-id="([^"]+)"', html)))
     assert shown.height == 8, "the report shows --limit pairs"

@@ -79,7 +79,7 @@ class PairsTable:
 
     def _images(self, batch: pa.RecordBatch, first_row: int) -> list[ImageRef | None]:
         column = self.columns.image
-        return image_refs(batch.column(column), self.table.path.parent, self.table.path, column, first_row)
+        return image_refs(batch.column(column), self.table.path, column, first_row)
 
 
 def _as_string(column: pa.Array) -> pa.Array:

@@ -24,7 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from misp_dpo.errors import UserError
-from misp_dpo.image_uris import table_uri, tar_uri
+from misp_dpo.image_uris import table_uri, tar_files, tar_uri
 from misp_dpo.row_ranges import read_parquet_range, slice_rows
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -145,7 +145,7 @@ def check_image_column(table: Table, name: str, flag: str, column_flag: str) -> 
         )
 
 
-def image_refs(column: pa.Array, base: Path, table: Path, name: str, first_row: int) -> list[ImageRef | None]:
+def image_refs(column: pa.Array, table: Path, name: str, first_row: int) -> list[ImageRef | None]:
     """Refs of one batch of the image column `name`; None where a cell is null (no image given).
     Bytes stored in the table are located by their cell (a struct's `path` is only a file name)."""
     kind = column.type
@@ -163,7 +163,7 @@ def image_refs(column: pa.Array, base: Path, table: Path, name: str, first_row: 
         if present and blob is not None:
             refs.append(ImageRef(uri=table_uri(table, name, first_row + i), data=blob))
         elif present and path:
-            local = os.path.abspath(os.path.join(base, path.removeprefix("file://")))
+            local = os.path.abspath(os.path.join(table.parent, path.removeprefix("file://")))
             refs.append(ImageRef(uri=local, path=local))
         else:
             refs.append(None)
@@ -205,7 +205,7 @@ class TableCorpus:
     def iter_refs(self, lo: int, hi: int, batch_size: int) -> Iterator[list[ImageRef | None]]:
         row = lo
         for batch in self.table.iter_rows(lo, hi, [self.column], batch_size):
-            yield image_refs(batch.column(0), self.table.path.parent, self.table.path, self.column, row)
+            yield image_refs(batch.column(0), self.table.path, self.column, row)
             row += batch.num_rows
 
 
@@ -279,13 +279,11 @@ def _tar_members(shard: Path, flag: str) -> tuple[pa.Array, pa.Array, pa.Array]:
     """(name, data offset, size) of the image members of one uncompressed tar, from its headers."""
     members, offsets, sizes = [], [], []
     try:
-        with tarfile.open(shard, "r:") as archive:
-            while (info := archive.next()) is not None:
-                archive.members.clear()  # tarfile would keep every header otherwise
-                if info.isfile() and os.path.splitext(info.name)[1].lower() in IMAGE_EXTENSIONS:
-                    members.append(info.name)
-                    offsets.append(info.offset_data)
-                    sizes.append(info.size)
+        for info in tar_files(shard):
+            if os.path.splitext(info.name)[1].lower() in IMAGE_EXTENSIONS:
+                members.append(info.name)
+                offsets.append(info.offset_data)
+                sizes.append(info.size)
     except (tarfile.TarError, OSError) as error:
         raise UserError(f"{flag} {shard}: not a readable uncompressed tar ({error})") from None
     return pa.array(members, pa.string()), pa.array(offsets, pa.int64()), pa.array(sizes, pa.int64())

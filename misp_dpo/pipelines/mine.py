@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from misp_dpo.config import option, to_dict
 from misp_dpo.errors import UserError
-from misp_dpo.image_uris import is_relative, relative_to
+from misp_dpo.image_uris import relative_to
 from misp_dpo.log import LOGGER, log_event
 from misp_dpo.mining.scores import PoolCodes, PoolEncoder, encode
 from misp_dpo.mining.selection import clean_pool, pair_seeds
@@ -273,7 +273,7 @@ def _located(uris: pa.Array, root: Path | None, ctx: TaskContext) -> pa.Array:
     if root is None:
         return uris
     relative = relative_to(uris, root)
-    ctx.count("uris_outside_root", len(relative) - int(pc.sum(is_relative(relative)).as_py() or 0))
+    ctx.count("uris_outside_root", int(pc.sum(pc.equal(relative, uris)).as_py() or 0))  # left as they were
     return relative
 
 

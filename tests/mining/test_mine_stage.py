@@ -250,3 +250,12 @@ def test_weights_flag_parses_and_bad_values_are_refused() -> None:
         build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": -1.0}, "flags")
     relevant = build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": 0.5}, "flags")
     assert relevant.params().relevance == 0.5
+
+
+def test_uris_outside_the_uri_root_are_kept_and_counted(inputs: MineInputs, tmp_path: Path) -> None:
+    manifest = mine(inputs, tmp_path / "neg", uri_root=tmp_path)  # the fixture's mem:// uris lie elsewhere
+    stats = manifest.stats
+    assert stats["uris_outside_root"] == stats["pairs"] + stats["negatives"]
+    assert manifest.meta["uri_root"] == str(tmp_path.resolve())
+    df = pl.read_parquet(tmp_path / "neg" / "train-*.parquet")
+    assert df["positive"].struct.field("uri").str.starts_with("mem://synthetic/").all()

@@ -20,7 +20,7 @@ from misp_dpo.testing import clustered_unit_vectors, write_embeddings
 from tests.pipelines.probe_stage import ProbeConfig, ProbeStage, probe_rows
 from tests.pipelines.ray_helpers import local_ray, wait_until_idle
 from tests.pipelines.test_runner import digest
-from tests.pipelines.toy_stage import CRASH_ENV, ToyConfig, ToyStage
+from tests.pipelines.toy_stage import ToyStage, crashed_local_run
 
 pytestmark = pytest.mark.timeout(180)
 RAY = RunOptions(executor="ray", ray_cpus=0.5, workers=2, max_failure_rate=0.5)
@@ -81,14 +81,8 @@ def test_actors_hold_fractional_cpus_pin_one_thread_and_get_no_gpu(
 def test_ray_resumes_what_a_crashed_local_run_left(
     ray_cpu: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reference = tmp_path / "reference"
-    run_stage(ToyStage(), ToyConfig(out=reference, n=90, tasks=4), RunOptions(max_failure_rate=0.5))
-    cfg = ToyConfig(out=tmp_path / "resumed", n=90, tasks=4)
-    monkeypatch.setenv(CRASH_ENV, "2")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
+    reference, cfg = crashed_local_run(tmp_path, monkeypatch)
     stamp = (cfg.out / "squares-00001.parquet").stat().st_mtime_ns
-    monkeypatch.delenv(CRASH_ENV)
     run_stage(ToyStage(), cfg, RAY)
     assert (cfg.out / "squares-00001.parquet").stat().st_mtime_ns == stamp, "completed shards are skipped"
     assert digest(cfg.out) == digest(reference)

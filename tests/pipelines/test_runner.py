@@ -10,7 +10,7 @@ from misp_dpo.errors import UserError
 from misp_dpo.pipelines.executors import slurm_tasks
 from misp_dpo.pipelines.runner import RunOptions, run_stage
 from misp_dpo.pipelines.validate import validate_output
-from tests.pipelines.toy_stage import CRASH_ENV, ToyConfig, ToyStage
+from tests.pipelines.toy_stage import ToyConfig, ToyStage, crashed_local_run
 
 
 def digest(folder: Path) -> dict[str, bytes]:
@@ -46,18 +46,12 @@ def test_failure_rate_above_threshold_stops_the_stage_but_keeps_shards(tmp_path:
 
 
 def test_crash_then_resume_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = tmp_path / "reference"
-    run_stage(ToyStage(), ToyConfig(out=reference, n=90, tasks=4), RunOptions(max_failure_rate=0.5))
-    cfg = ToyConfig(out=tmp_path / "resumed", n=90, tasks=4)
-    monkeypatch.setenv(CRASH_ENV, "2")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
+    reference, cfg = crashed_local_run(tmp_path, monkeypatch)
     leftovers = [p.name for p in cfg.out.iterdir() if p.name.startswith(".")]
     assert leftovers == [], "a crashed shard must not leave temporary files"
     assert not (cfg.out / "squares-00002.parquet").exists()
     assert (cfg.out / "squares-00001.parquet").exists()
     stamp = (cfg.out / "squares-00001.parquet").stat().st_mtime_ns
-    monkeypatch.delenv(CRASH_ENV)
     run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
     assert (cfg.out / "squares-00001.parquet").stat().st_mtime_ns == stamp, "completed shards are skipped"
     assert digest(cfg.out) == digest(reference)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from misp_dpo.config import option
-from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext
+from misp_dpo.pipelines.runner import Plan, RunOptions, ShardedConfig, Stage, TaskContext, run_stage
 
 SCHEMA = pa.schema(
     [pa.field("x", pa.int64()), pa.field("square", pa.int64())], metadata={b"misp_dpo.schema": b"toy/1"}
@@ -44,3 +46,16 @@ class ToyStage(Stage[ToyConfig]):
                 writer.write(pa.table({"x": good, "square": [x * x + cfg.offset for x in good]}))
                 if os.environ.get(CRASH_ENV) == str(ctx.task) and start > lo:
                     raise RuntimeError("simulated crash in the middle of a shard")
+
+
+def crashed_local_run(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, ToyConfig]:
+    """An uninterrupted reference output, and the config of a run that crashed mid-way through task 2
+    (tasks 0 and 1 complete); the crash switch is off again on return."""
+    reference = folder / "reference"
+    run_stage(ToyStage(), ToyConfig(out=reference, n=90, tasks=4), RunOptions(max_failure_rate=0.5))
+    cfg = ToyConfig(out=folder / "resumed", n=90, tasks=4)
+    monkeypatch.setenv(CRASH_ENV, "2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
+    monkeypatch.delenv(CRASH_ENV)
+    return reference, cfg
