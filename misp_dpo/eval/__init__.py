@@ -1,0 +1,1 @@
+"""Evaluation: POPE probes, answer parsing and metrics, greedy generation, preference accuracy (+ fit-vlm)."""
