@@ -18,7 +18,9 @@ class EvalConfig:
         16, "tokens generated per answer (greedy); POPE parses only the first sentence"
     )
     limit: int = option(0, "evaluate only the first N probes of each split and N preference pairs (0: all)")
-    precision: Literal["auto", "fp32", "bf16"] = option("auto", "weights dtype; auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "weights dtype; auto: bf16 on GPU, fp32 on CPU"
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "where the model runs", hashed=False)
 
     def __post_init__(self) -> None:

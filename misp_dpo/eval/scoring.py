@@ -16,7 +16,7 @@ NEGATION_WORDS = frozenset({"No", "no", "not"})
 
 
 def parse_answer(text: str) -> str:
-    """"yes" or "no", exactly as POPE's evaluation reads a free-form answer."""
+    """ "yes" or "no", exactly as POPE's evaluation reads a free-form answer."""
     first_sentence = text.split(".")[0].replace(",", "")
     return NO if any(word in NEGATION_WORDS for word in first_sentence.split(" ")) else YES
 

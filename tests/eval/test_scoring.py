@@ -69,7 +69,12 @@ def test_split_report_breaks_down_by_attribute() -> None:
     report = split_report(labels, answers, ["color", "color", "shape", None], failures=2)
     assert report["accuracy"] == 0.75 and report["n"] == 4 and report["failures"] == 2
     assert report["by_attribute"]["color"] == {
-        "accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 1.0, "n": 2
+        "accuracy": 0.5,
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "yes_ratio": 1.0,
+        "n": 2,
     }
     assert report["by_attribute"]["shape"]["accuracy"] == 1.0
     assert set(report["by_attribute"]) == {"color", "shape"}
