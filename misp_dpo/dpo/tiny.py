@@ -58,7 +58,7 @@ def _vocabulary() -> list[str]:
 
     attrs = {name: values[0] for name, values in synth.ATTRIBUTES.items()}
     texts = [question for question, _ in synth.QUESTIONS]
-    texts += [synth.answer(attrs, focus) for _, focus in synth.QUESTIONS]
+    texts += [synth.response(attrs, focus) for _, focus in synth.QUESTIONS]
     texts += [" ".join(values) for values in synth.ATTRIBUTES.values()]
     texts += ["user assistant system : . , ! ? yes no an the of it is and"]
     words = set()

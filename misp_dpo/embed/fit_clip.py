@@ -109,7 +109,7 @@ class _TextBank:
         for codes in self.combos:
             attrs = data.attributes(codes)
             texts.append(synth.caption(attrs))
-            texts.extend(synth.answer(attrs, focus) for focus in _FOCI)
+            texts.extend(synth.response(attrs, focus) for focus in _FOCI)
         tokens = tokenizer(texts)
         self.tokens = tokens.view(len(self.combos), 1 + len(_FOCI), -1)
 

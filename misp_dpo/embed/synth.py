@@ -5,6 +5,7 @@ No pretrained CLIP can be downloaded offline, so the demo needs data whose seman
 five images each at the default size, rendered with jitter (offset, scale, rotation) so that images
 sharing every attribute still differ. Those near-twins are exactly the false negatives the
 candidates stage must filter, and the attributes let `bench/quality.py` score the mined negatives.
+The language prior, the held-out images and the probes on them are `misp_dpo.embed.synth_world`'s.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ _SHORT_ANSWER = {
 }
 
 
-def answer(attrs: dict[str, str], focus: str | None) -> str:
+def response(attrs: dict[str, str], focus: str | None) -> str:
     """A short answer to the question, then the full description (what CLIP's text tower sees)."""
     short = _SHORT_ANSWER[focus].format(**attrs) + " " if focus else ""
     return f"{short}The image shows {caption(attrs)}."
@@ -156,4 +157,25 @@ def make_pair(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, str
     wrong = focus or list(ATTRIBUTES)[int(rng.integers(len(ATTRIBUTES)))]
     others = [v for v in ATTRIBUTES[wrong] if v != attrs[wrong]]
     corrupted = {**attrs, wrong: others[int(rng.integers(len(others)))]}
-    return question, answer(attrs, focus), answer(corrupted, focus)
+    return question, response(attrs, focus), response(corrupted, focus)
+
+
+# The POPE-style yes/no probes about one attribute (`misp_dpo.embed.synth_world.probes`); the demo
+# VLM is fitted and evaluated on exactly these words.
+_PROBE = {
+    "shape": "Is there a {value} in the image?",
+    "color": "Is the shape {value}?",
+    "size": "Is the shape {value}?",
+    "position": "Is the shape at the {value}?",
+    "background": "Is the background {value}?",
+}
+
+
+def question(attribute: str, value: str) -> str:
+    """The yes/no question whether the image's `attribute` is `value`."""
+    return _PROBE[attribute].format(value=value)
+
+
+def answer(is_true: bool) -> str:
+    """The answer to a `question`: "Yes" when it is true of the image, else "No"."""
+    return "Yes" if is_true else "No"
