@@ -146,13 +146,19 @@ def _probes_of(
             "question": questions,
             "label": [label.strip().lower() for label in labels],
             "attribute": attributes,
-            "uri": _uris(batch.column(batch.schema.get_field_index("image")), table, first_row, image_root),
+            "uri": locate_images(
+                batch.column(batch.schema.get_field_index("image")), table, first_row, image_root
+            ),
         },
         schema=PROBES,
     )
 
 
-def _uris(column: pa.Array, table: Table, first_row: int, image_root: Path | None) -> list[str | None]:
+def locate_images(
+    column: pa.Array, table: Table, first_row: int, image_root: Path | None
+) -> list[str | None]:
+    """The uri of each image cell of a batch (rows first_row...): paths resolved against `image_root`
+    when given, else as `embed` does (relative to the table; bytes located by their cell)."""
     if image_root is not None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         root = os.path.abspath(image_root)
         return [os.path.join(root, p.removeprefix("file://")) if p else None for p in column.to_pylist()]

@@ -1,0 +1,129 @@
+"""Preference accuracy on a held-out table: does the model tie the chosen answer to the right image?
+
+The table (JSONL / Parquet / CSV) has `prompt`, `chosen`, optional `rejected` and `id`, `image` (the
+positive) and `negatives` (a list of images: paths, or structs with a `path`). It is turned into the
+trainer's `negatives/` layout, so the trainer's log-prob pass (`compute_reference`, which batches,
+reports unreadable images as failures and keys rows by (pair, image, response)) scores it:
+
+- image_accuracy: share of (pair, negative) with log p(chosen | x, positive) > log p(chosen | x, negative);
+- text_accuracy: share of pairs with a rejected text where log p(chosen) > log p(rejected), both
+  with the positive image.
+Ties count as wrong, so a model blind to the image scores 0 on the image term, not 0.5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from misp_dpo.dpo.data import PreferenceData
+from misp_dpo.dpo.model import Policy
+from misp_dpo.dpo.reference import align_reference, compute_reference
+from misp_dpo.embed.readers import TABLE_FORMATS, check_image_column, open_table
+from misp_dpo.errors import UserError
+from misp_dpo.eval.probes import READ_BATCH, locate_images
+
+FLAG = "--pairs"
+POSITIVE = "positive"
+IMAGE_REF = pa.struct([("image_id", pa.string()), ("uri", pa.string())])
+NEGATIVE_REF = pa.struct([("image_id", pa.string()), ("uri", pa.string()), ("proposal", pa.float64())])
+
+
+def find_pairs_table(path: Path) -> Path:
+    """`path` itself, or the one table inside the folder `path`."""
+    if not path.is_dir():
+        return path
+    tables = sorted(p for p in path.iterdir() if p.suffix.lower() in TABLE_FORMATS)
+    if len(tables) != 1:
+        raise UserError(
+            f"{FLAG} {path}: a folder must hold exactly one table, found {len(tables)}; name the file"
+        )
+    return tables[0]
+
+
+def load_preference_pairs(path: Path, image_root: Path | None = None, limit: int = 0) -> PreferenceData:
+    """The held-out pairs (the first `limit` when > 0) in the trainer's layout, uris absolute."""
+    table = open_table(find_pairs_table(path), FLAG)
+    names = table.schema.names
+    missing = [c for c in ("prompt", "chosen", "image", "negatives") if c not in names]
+    if missing:
+        raise UserError(
+            f"{FLAG} {table.path}: no column {', '.join(repr(c) for c in missing)}; a held-out preference "
+            "table needs prompt, chosen, image (the positive) and negatives (a list of images)"
+        )
+    check_image_column(table, "image", FLAG, "a column named 'image'")
+    columns = [c for c in ("id", "prompt", "chosen", "rejected", "image", "negatives") if c in names]
+    rows = min(table.num_rows, limit) if limit else table.num_rows
+    parts, first = [], 0
+    for batch in table.iter_rows(0, rows, columns, READ_BATCH):
+        parts.append(
+            _pairs_of(
+                batch,
+                table.path,
+                first,
+                image_root,
+                locate_images(batch.column(batch.schema.get_field_index("image")), table, first, image_root),
+            )
+        )
+        first += batch.num_rows
+    return PreferenceData(pa.concat_tables(parts), table.path.parent)
+
+
+def _pairs_of(
+    batch: pa.RecordBatch, path: Path, first: int, image_root: Path | None, positives: list[str | None]
+) -> pa.Table:
+    items = batch.to_pylist()
+    base = os.path.abspath(image_root if image_root is not None else path.parent)
+    negatives = []
+    for i, item in enumerate(items):
+        refs = []
+        for k, image in enumerate(item["negatives"] or []):
+            location = image.get("path") if isinstance(image, dict) else image
+            if not isinstance(location, str):
+                raise UserError(
+                    f"{FLAG} {path}: row {first + i}: negative {k} is not an image path; store negatives "
+                    "as paths relative to the table (or to --image-root)"
+                )
+            uri = os.path.join(base, location.removeprefix("file://"))
+            refs.append({"image_id": f"negative-{k}", "uri": uri, "proposal": 1.0})
+        negatives.append(refs)
+    return pa.table(
+        {
+            "pair_id": [
+                str(item.get("id") if item.get("id") is not None else first + i)
+                for i, item in enumerate(items)
+            ],
+            "prompt": [item["prompt"] or "" for item in items],
+            "chosen": [item["chosen"] or "" for item in items],
+            "rejected": pa.array([item.get("rejected") or None for item in items], pa.string()),
+            "positive": pa.array([{"image_id": POSITIVE, "uri": uri} for uri in positives], IMAGE_REF),
+            "negatives": pa.array(negatives, pa.list_(NEGATIVE_REF)),
+        }
+    )
+
+
+def preference_accuracy(
+    model: torch.nn.Module, base: Policy, data: PreferenceData, batch_size: int, show_progress: bool = True
+) -> dict[str, Any]:
+    """image_accuracy, text_accuracy (None without rejected texts), their counts and the failed pairs."""
+    # lora=False: `compute_reference` then scores `model` as it is (adapter on), not with adapters off
+    scored = Policy(model=model, processor=base.processor, device=base.device, lora=False, identity={})
+    table, failures = compute_reference(scored, data, np.arange(len(data)), batch_size, show_progress)
+    logps = align_reference(table, data)
+    negatives = logps.negatives[np.isfinite(logps.negatives)]
+    wins = (logps.positive[:, None] > logps.negatives)[np.isfinite(logps.negatives)]
+    has_text = np.isfinite(logps.rejected) & np.isfinite(logps.positive)
+    text_wins = logps.positive[has_text] > logps.rejected[has_text]
+    return {
+        "image_accuracy": float(wins.mean()) if len(negatives) else None,
+        "text_accuracy": float(text_wins.mean()) if has_text.any() else None,
+        "n": int(np.isfinite(logps.positive).sum()),
+        "n_negatives": len(negatives),
+        "n_text": int(has_text.sum()),
+        "failures": len(failures),
+    }
