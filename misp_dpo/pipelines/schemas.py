@@ -57,6 +57,35 @@ def synth_attributes(attribute_names: list[str]) -> pa.Schema:
     return _named("synth_attributes", 1, fields)
 
 
+# The demo world's POPE probes on its held-out images (DESIGN §5 "probes"; image relative to the table).
+SYNTH_PROBES = _named(
+    "synth_probes",
+    1,
+    [
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),  # yes | no
+        pa.field("category", pa.string(), nullable=False),  # random | popular | adversarial
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+    ],
+)
+
+# The demo world's held-out preference pairs: each negative differs from the positive in one attribute.
+SYNTH_HELDOUT_PAIRS = _named(
+    "synth_heldout_pairs",
+    1,
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string()),
+        pa.field("image", pa.string(), nullable=False),  # the positive, relative to the table
+        pa.field("negatives", pa.list_(pa.string()), nullable=False),  # one per attribute type
+    ],
+)
+
+
 def images(dim: int) -> pa.Schema:
     return _named(
         "images",
