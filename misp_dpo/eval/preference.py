@@ -6,6 +6,7 @@ trainer's `negatives/` layout, so the trainer's log-prob pass (`compute_referenc
 reports unreadable images as failures and keys rows by (pair, image, response)) scores it:
 
 - image_accuracy: share of (pair, negative) with log p(chosen | x, positive) > log p(chosen | x, negative);
+- image_margin: the mean of those log-prob differences (nats; moves before accuracy does);
 - text_accuracy: share of pairs with a rejected text where log p(chosen) > log p(rejected), both
   with the positive image.
 Ties count as wrong, so a model blind to the image scores 0 on the image term, not 0.5.
@@ -110,17 +111,19 @@ def _pairs_of(
 def preference_accuracy(
     model: torch.nn.Module, base: Policy, data: PreferenceData, batch_size: int, show_progress: bool = True
 ) -> dict[str, Any]:
-    """image_accuracy, text_accuracy (None without rejected texts), their counts and the failed pairs."""
+    """image_accuracy and image_margin, text_accuracy (None without rejected texts), their counts and
+    the failed pairs."""
     # lora=False: `compute_reference` then scores `model` as it is (adapter on), not with adapters off
     scored = Policy(model=model, processor=base.processor, device=base.device, lora=False, identity={})
     table, failures = compute_reference(scored, data, np.arange(len(data)), batch_size, show_progress)
     logps = align_reference(table, data)
     negatives = logps.negatives[np.isfinite(logps.negatives)]
-    wins = (logps.positive[:, None] > logps.negatives)[np.isfinite(logps.negatives)]
+    margins = (logps.positive[:, None] - logps.negatives)[np.isfinite(logps.negatives)]
     has_text = np.isfinite(logps.rejected) & np.isfinite(logps.positive)
     text_wins = logps.positive[has_text] > logps.rejected[has_text]
     return {
-        "image_accuracy": float(wins.mean()) if len(negatives) else None,
+        "image_accuracy": float((margins > 0).mean()) if len(negatives) else None,
+        "image_margin": float(margins.mean()) if len(negatives) else None,
         "text_accuracy": float(text_wins.mean()) if has_text.any() else None,
         "n": int(np.isfinite(logps.positive).sum()),
         "n_negatives": len(negatives),
