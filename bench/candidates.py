@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures: tests.helpers
+
 HEADROOM = 16
 
 
@@ -54,7 +56,7 @@ def corpus_dir(args: argparse.Namespace) -> Path:
 
 
 def role_generate(args: argparse.Namespace) -> dict:
-    from misp_dpo.testing import clustered_unit_vectors, write_embeddings
+    from tests.helpers import clustered_unit_vectors, write_embeddings
 
     rng = np.random.default_rng(0)
     images, _ = clustered_unit_vectors(
@@ -73,8 +75,8 @@ def role_generate(args: argparse.Namespace) -> dict:
 
 
 def role_stage(args: argparse.Namespace) -> dict:
-    from misp_dpo.pipelines.candidates import CandidatesConfig, CandidatesStage
-    from misp_dpo.pipelines.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.stages.candidates import CandidatesConfig, CandidatesStage
 
     out = Path(args.work) / "stage-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -173,9 +175,9 @@ def role_st(args: argparse.Namespace) -> dict:
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
     store, _, _ = _store_and_queries(args)
-    from misp_dpo.pipelines.candidates import CandidatesConfig
     from misp_dpo.pipelines.embeddings import read_embeddings
     from misp_dpo.pipelines.io import read_table
+    from misp_dpo.pipelines.stages.candidates import CandidatesConfig
 
     manifest, _ = read_embeddings(corpus_dir(args))
     pair_rows = store.rows(read_table(manifest.shard_paths("pairs"), ["image_id"]).column(0))

@@ -57,8 +57,8 @@ def make_images(folder: Path, n: int, size: int) -> None:
 
 
 def role_stage(args: argparse.Namespace) -> dict:
-    from misp_dpo.pipelines.embed import EmbedConfig, EmbedStage
-    from misp_dpo.pipelines.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.stages.embed import EmbedConfig, EmbedStage
 
     work = Path(args.work)
     out = work / "stage-out"

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures: tests.helpers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -252,7 +254,7 @@ def check_train(size: Sizes, cuda: bool, work: Path) -> list[Row]:
     from misp_dpo.dpo.reference import align_reference, compute_reference
     from misp_dpo.dpo.trainer import build_state
     from misp_dpo.pipelines.io import read_table
-    from misp_dpo.testing import write_negatives
+    from tests.helpers import write_negatives
 
     negatives = work / "negatives"
     if not (negatives / "manifest.json").is_file():
@@ -287,8 +289,8 @@ def check_train(size: Sizes, cuda: bool, work: Path) -> list[Row]:
 
 def synth_corpus(work: Path, size: Sizes) -> Path:
     """The demo corpus (generated images with captions and preference pairs), made once under --work."""
-    from misp_dpo.pipelines.runner import RunOptions, run_stage
-    from misp_dpo.pipelines.synth import SynthConfig, SynthStage
+    from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.stages.synth import SynthConfig, SynthStage
 
     corpus = work / f"synth-{size.images}"
     if not (corpus / "manifest.json").is_file():
@@ -300,8 +302,8 @@ def check_embed(size: Sizes, cuda: bool, work: Path) -> list[Row]:
     """The embed stage (decoding workers, dedup, images and texts, Parquet) against a raw forward loop."""
     import torch
 
-    from misp_dpo.pipelines.embed import EmbedConfig, EmbedStage
-    from misp_dpo.pipelines.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.stages.embed import EmbedConfig, EmbedStage
 
     corpus = synth_corpus(work, size)
     cfg = EmbedConfig(

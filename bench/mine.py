@@ -27,7 +27,14 @@ import pyarrow as pa
 
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash
-from misp_dpo.testing import clustered_unit_vectors, write_embeddings, write_prewritten, write_random_sae
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures: tests.helpers
+from tests.helpers import (  # noqa: E402
+    clustered_unit_vectors,
+    write_embeddings,
+    write_prewritten,
+    write_random_sae,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,10 @@ import numpy as np
 from misp_dpo.log import configure_logging
 from misp_dpo.mining.attributes import AttributeTable, Quality, dataset_quality
 from misp_dpo.pipelines.io import iter_batches
-from misp_dpo.pipelines.mine import MineStage
-from misp_dpo.pipelines.pipeline_file import load_pipeline
-from misp_dpo.pipelines.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.pipeline_file import load_pipeline
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages import STAGES
+from misp_dpo.pipelines.stages.mine import MineStage
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = "misp targets: false negatives <= 1%, coverage >= 1.3 x nearest's, hardness <= nearest's + 1"
@@ -36,7 +37,7 @@ TARGETS = "misp targets: false negatives <= 1%, coverage >= 1.3 x nearest's, har
 
 def demo_stage(root: Path, name: str) -> tuple[object, object]:
     """The demo pipeline's stage `name` and its config, with the paths under `root`."""
-    for stage, cfg, _ in load_pipeline(ROOT / "configs/demo.toml", str(root)):
+    for stage, cfg, _ in load_pipeline(ROOT / "configs/demo.toml", STAGES, str(root)):
         if stage.name == name:
             return stage, cfg
     raise SystemExit(f"configs/demo.toml has no [{name}] stage")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures: tests.helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,7 @@ def peak_rss_mb() -> float:
 
 
 def vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    from misp_dpo.testing import clustered_unit_vectors
+    from tests.helpers import clustered_unit_vectors
 
     rng = np.random.default_rng(0)
     x, _ = clustered_unit_vectors(args.n, args.dim, max(10, args.n // 500), 0.8 / np.sqrt(args.dim), rng)
@@ -115,7 +117,7 @@ def role_topk_peer(args: argparse.Namespace) -> dict:
 
 def pools(pairs: int, width: int, dim: int, seed: int = 0) -> object:
     from misp_dpo.sae.data import PoolChunk, in_memory
-    from misp_dpo.testing import clustered_unit_vectors
+    from tests.helpers import clustered_unit_vectors
 
     rng = np.random.default_rng(seed)
     images, _ = clustered_unit_vectors(pairs * 4, dim, 50, 0.8 / np.sqrt(dim), rng, dtype=np.float16)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared fixtures: tests.helpers
+
 MODES = {"exact N=8": 0, "sampled M=2": 2}
 
 
@@ -37,10 +39,10 @@ def peak_rss_gb() -> float:
 
 
 def prepare(work: Path, pairs: int) -> Path:
-    from misp_dpo.pipelines.runner import RunOptions, run_stage
-    from misp_dpo.pipelines.synth import SynthConfig, SynthStage
-    from misp_dpo.pipelines.validate import validate_output
-    from misp_dpo.testing import write_negatives
+    from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+    from misp_dpo.pipelines.runtime.validate import validate_output
+    from misp_dpo.pipelines.stages.synth import SynthConfig, SynthStage
+    from tests.helpers import write_negatives
 
     corpus, negatives = work / "corpus", work / f"negatives-{pairs}x8"
 

@@ -12,8 +12,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from misp_dpo.log import configure_logging  # noqa: E402
-from misp_dpo.pipelines.runner import RunOptions, run_stage  # noqa: E402
-from misp_dpo.pipelines.synth import SynthConfig, SynthStage  # noqa: E402
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage  # noqa: E402
+from misp_dpo.pipelines.stages.synth import SynthConfig, SynthStage  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

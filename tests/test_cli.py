@@ -68,11 +68,11 @@ def test_bad_pipeline_files_name_the_problem(
 
 
 def test_example_pipelines_parse_and_accept_flag_spelled_keys() -> None:
-    from misp_dpo.pipelines.pipeline_file import load_pipeline
+    from misp_dpo.pipelines.runtime.pipeline_file import load_pipeline
 
     for path in sorted(Path("configs").glob("*.toml")):
-        stages = load_pipeline(path)
+        stages = load_pipeline(path, STAGES)
         assert [stage.name for stage, _, _ in stages], path
-    coco = {stage.name: cfg for stage, cfg, _ in load_pipeline(Path("configs/coco-vitl14.toml"))}
+    coco = {stage.name: cfg for stage, cfg, _ in load_pipeline(Path("configs/coco-vitl14.toml"), STAGES)}
     assert coco["embed"].batch_size == 256 and coco["train"].loop.sample_negatives == 2
     assert coco["mine"].uri_root == coco["train"].image_root == Path("data")

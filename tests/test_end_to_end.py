@@ -14,7 +14,7 @@ import pytest
 
 from misp_dpo.cli import main
 from misp_dpo.pipelines.manifest import read_manifest
-from misp_dpo.pipelines.validate import validate_output
+from misp_dpo.pipelines.runtime.validate import validate_output
 
 PIPELINE = """
 root = "unused"

@@ -9,9 +9,9 @@ import pytest
 
 from misp_dpo.config import build_config
 from misp_dpo.pipelines.manifest import Manifest
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.train import TrainConfig, TrainStage
-from misp_dpo.testing import write_negatives
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.train import TrainConfig, TrainStage
+from tests.helpers import write_negatives
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from misp_dpo.dpo.reference import align_reference, compute_reference
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import read_table
-from misp_dpo.pipelines.train import REFERENCE
-from misp_dpo.testing import negatives_table, write_negatives
+from misp_dpo.pipelines.stages.train import REFERENCE
 from tests.dpo.conftest import run_train
+from tests.helpers import negatives_table, write_negatives
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from misp_dpo.errors import UserError
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import read_table
 from misp_dpo.pipelines.manifest import read_manifest
-from misp_dpo.testing import write_prewritten
 from tests.dpo.conftest import run_train
+from tests.helpers import write_prewritten
 
 
 def _state(negatives: Path, loop: LoopConfig, seed: int = 0) -> trainer.TrainState:

@@ -6,9 +6,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from misp_dpo.pipelines.embed import EmbedConfig, EmbedStage
 from misp_dpo.pipelines.manifest import Manifest
-from misp_dpo.pipelines.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.embed import EmbedConfig, EmbedStage
 
 TINY = "misp-tiny-clip"
 

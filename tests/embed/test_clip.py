@@ -22,8 +22,8 @@ from misp_dpo.embed.clip import (
     resolve_device,
 )
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.fit_clip import FitClipConfig, FitClipStage
-from misp_dpo.pipelines.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.fit_clip import FitClipConfig, FitClipStage
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from misp_dpo.cli import app, main
-from misp_dpo.pipelines.embed import EmbedConfig
-from misp_dpo.pipelines.fit_clip import FitClipConfig
+from misp_dpo.pipelines.stages.embed import EmbedConfig
+from misp_dpo.pipelines.stages.fit_clip import FitClipConfig
 from tests.embed.images import write_pairs
 from tests.embed.runs import output_files, run_embed
 

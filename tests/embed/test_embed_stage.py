@@ -13,7 +13,7 @@ from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings
 from misp_dpo.pipelines.io import read_table, vectors_to_numpy
-from misp_dpo.pipelines.validate import validate_output
+from misp_dpo.pipelines.runtime.validate import validate_output
 from tests.embed.images import pairs_rows, png, write_bad_images, write_pairs, write_pngs, write_tar
 from tests.embed.runs import output_files, run_embed
 

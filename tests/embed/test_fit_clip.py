@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from misp_dpo.embed.fit_clip import _chance_recall, score_retrieval, split_holdout
-from misp_dpo.pipelines.fit_clip import FitClipConfig, FitClipStage
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.synth import SynthConfig, SynthStage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.fit_clip import FitClipConfig, FitClipStage
+from misp_dpo.pipelines.stages.synth import SynthConfig, SynthStage
 
 
 def test_holdout_split_is_seeded_and_disjoint() -> None:

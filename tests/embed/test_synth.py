@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from misp_dpo.embed import synth
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.synth import SynthConfig, SynthStage
-from misp_dpo.pipelines.validate import validate_output
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.validate import validate_output
+from misp_dpo.pipelines.stages.synth import SynthConfig, SynthStage
 from tests.embed.runs import output_files
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from misp_dpo.pipelines.manifest import Manifest
-from misp_dpo.testing import (
+from tests.helpers import (
     clustered_unit_vectors,
     write_candidates,
     write_embeddings,

@@ -12,7 +12,7 @@ from misp_dpo.mining.candidates import (
     select_pool,
 )
 from misp_dpo.mining.index import GPU_MAX_K, IndexSpec, Searcher, build_index
-from misp_dpo.testing import clustered_unit_vectors
+from tests.helpers import clustered_unit_vectors
 
 
 def brute_force(vectors: np.ndarray):  # noqa: ANN201 - a SearchFn

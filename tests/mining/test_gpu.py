@@ -8,7 +8,7 @@ import pytest
 
 from misp_dpo.mining.gpu import REPLICA_SHARE, choose_layout, gpu_copy_bytes, gpu_free_bytes
 from misp_dpo.mining.index import GPU_MAX_K, IndexSpec, Searcher, build_index, choose_index, import_faiss
-from misp_dpo.testing import clustered_unit_vectors
+from tests.helpers import clustered_unit_vectors
 
 GB = 2**30
 

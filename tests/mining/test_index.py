@@ -20,7 +20,7 @@ from misp_dpo.mining.index import (
     resolve_device,
     save_index,
 )
-from misp_dpo.testing import clustered_unit_vectors
+from tests.helpers import clustered_unit_vectors
 
 GB = 2**30
 

@@ -12,10 +12,10 @@ import pytest
 
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines import schemas
-from misp_dpo.pipelines.mine import MineConfig, MineStage
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.validate import validate_output
-from misp_dpo.testing import fake_image_ids, write_random_sae
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.validate import validate_output
+from misp_dpo.pipelines.stages.mine import MineConfig, MineStage
+from tests.helpers import fake_image_ids, write_random_sae
 from tests.mining.fixtures import MineInputs, build_inputs
 from tests.pipelines.test_runner import digest
 
@@ -69,7 +69,8 @@ def test_mine_writes_a_dataset_with_card_that_polars_and_datasets_load(
     assert stats["negatives"] == sum(len(n) for n in df["negatives"].to_list())
     assert pq.read_schema(out / "train-00000.parquet").metadata == schemas.NEGATIVES.metadata
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nconfigs:") and 'path: "train-*.parquet"' in card
+    assert card.startswith("---\nlicense:") and "path: train-*.parquet" in card
+    assert str(tmp_path) not in card and "s_i = 1 * l_i / max_pool(l)" in card
     assert "hist-score.png" in card and (out / "hist-score.png").stat().st_size > 1000
     cache = str(tmp_path / "hf")
     for ds in (
@@ -101,7 +102,7 @@ def test_sharding_and_batching_do_not_change_the_picks(
 def test_crash_then_resume_is_byte_identical(
     inputs: MineInputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from misp_dpo.pipelines import mine as mine_module
+    from misp_dpo.pipelines.stages import mine as mine_module
 
     reference = tmp_path / "reference"
     mine(inputs, reference, tasks=3, batch_size=3)
@@ -188,7 +189,7 @@ def test_non_finite_embeddings_fail_their_pairs(tmp_path: Path) -> None:
     bad_row = int(base.pools[5, 0])
     images = base.images.copy()
     images[bad_row] = np.nan
-    from misp_dpo.testing import write_candidates, write_embeddings
+    from tests.helpers import write_candidates, write_embeddings
 
     prompts = np.ones((24, 8), np.float32) / np.sqrt(8)
     embeddings = write_embeddings(tmp_path / "emb", images, base.pair_rows, prompts, prompts)

@@ -15,10 +15,10 @@ import pytest
 from misp_dpo.errors import UserError
 from misp_dpo.mining.attributes import AttributeTable, quality
 from misp_dpo.pipelines import schemas
-from misp_dpo.pipelines.mine import MineConfig, MineStage
-from misp_dpo.pipelines.report import ReportConfig, ReportStage
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.testing import write_prewritten
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.mine import MineConfig, MineStage
+from misp_dpo.pipelines.stages.report import ReportConfig, ReportStage
+from tests.helpers import write_prewritten
 from tests.mining.fixtures import build_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,7 +8,7 @@ import pytest
 from misp_dpo.mining.scores import PoolCodes, deviation, misp_score, softmax_proposal
 from misp_dpo.mining.selection import greedy_select, pair_seeds
 from misp_dpo.mining.strategies import Pools, SelectionParams, select_negatives
-from misp_dpo.testing import clustered_unit_vectors
+from tests.helpers import clustered_unit_vectors
 
 
 def make_pools(pairs: int = 20, width: int = 10, dim: int = 6, seed: int = 0) -> tuple[Pools, PoolCodes]:

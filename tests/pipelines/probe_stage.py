@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
 SCHEMA = pa.schema(
     [

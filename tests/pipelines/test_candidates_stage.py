@@ -8,16 +8,16 @@ import pyarrow as pa
 import pytest
 
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines import candidates as stage_module
 from misp_dpo.pipelines import schemas
-from misp_dpo.pipelines.candidates import CandidatesConfig, CandidatesStage
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings, upstream_embeddings
 from misp_dpo.pipelines.io import numpy_to_vectors, read_table
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash
 from misp_dpo.pipelines.pools import iter_pools
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.validate import validate_output
-from misp_dpo.testing import clustered_unit_vectors, fake_image_ids, write_embeddings, write_prewritten
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.validate import validate_output
+from misp_dpo.pipelines.stages import candidates as stage_module
+from misp_dpo.pipelines.stages.candidates import CandidatesConfig, CandidatesStage
+from tests.helpers import clustered_unit_vectors, fake_image_ids, write_embeddings, write_prewritten
 from tests.pipelines.test_runner import digest
 
 N_IMAGES, N_PAIRS, DIM = 400, 37, 16

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings
 from misp_dpo.pipelines.io import fixed_width_ids, iter_row_range
-from misp_dpo.testing import clustered_unit_vectors, write_embeddings
+from tests.helpers import clustered_unit_vectors, write_embeddings
 
 
 def test_image_store_round_trip_and_lookup(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.executors import (
+from misp_dpo.pipelines.runtime.executors import (
     TASK_COUNT_ENV,
     TASK_OFFSET_ENV,
     local_workers,
@@ -17,7 +17,8 @@ from misp_dpo.pipelines.executors import (
     slurm_tasks,
     visible_gpus,
 )
-from misp_dpo.pipelines.runner import RunOptions, TaskResources, config_hash, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, config_hash, run_stage
+from misp_dpo.pipelines.stage import TaskResources
 from tests.pipelines.probe_stage import ProbeConfig, ProbeStage, probe_rows
 from tests.pipelines.test_runner import digest
 from tests.pipelines.toy_stage import ToyConfig, ToyStage

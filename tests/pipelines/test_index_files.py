@@ -9,7 +9,7 @@ import pytest
 from misp_dpo.mining.index import IndexSpec, choose_index, import_faiss
 from misp_dpo.pipelines import index_files
 from misp_dpo.pipelines.index_files import index_key, open_index
-from misp_dpo.testing import clustered_unit_vectors
+from tests.helpers import clustered_unit_vectors
 
 FLAT = IndexSpec("Flat")
 

@@ -8,7 +8,7 @@ import pytest
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines.embeddings import ImageStore
 from misp_dpo.pipelines.pools import iter_pools
-from misp_dpo.testing import clustered_unit_vectors, write_candidates, write_embeddings
+from tests.helpers import clustered_unit_vectors, write_candidates, write_embeddings
 
 
 def test_pool_batches_gather_the_right_vectors(tmp_path: Path) -> None:

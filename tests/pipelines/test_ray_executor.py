@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.candidates import CandidatesConfig, CandidatesStage
-from misp_dpo.pipelines.embed import EmbedConfig, EmbedStage
-from misp_dpo.pipelines.fit_clip import FitClipConfig, FitClipStage
-from misp_dpo.pipelines.ray_executor import actor_shape, import_ray
-from misp_dpo.pipelines.runner import RunOptions, TaskResources, run_stage
-from misp_dpo.testing import clustered_unit_vectors, write_embeddings
+from misp_dpo.pipelines.runtime.ray_executor import actor_shape, import_ray
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stage import TaskResources
+from misp_dpo.pipelines.stages.candidates import CandidatesConfig, CandidatesStage
+from misp_dpo.pipelines.stages.embed import EmbedConfig, EmbedStage
+from misp_dpo.pipelines.stages.fit_clip import FitClipConfig, FitClipStage
+from tests.helpers import clustered_unit_vectors, write_embeddings
 from tests.pipelines.probe_stage import ProbeConfig, ProbeStage, probe_rows
 from tests.pipelines.ray_helpers import local_ray, wait_until_idle
 from tests.pipelines.test_runner import digest

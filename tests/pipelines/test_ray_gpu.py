@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from misp_dpo.pipelines.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
 from tests.pipelines.probe_stage import CpuProbeStage, ProbeConfig, ProbeStage, probe_rows
 from tests.pipelines.ray_helpers import local_ray, wait_until_idle
 

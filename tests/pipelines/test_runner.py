@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.executors import slurm_tasks
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.validate import validate_output
+from misp_dpo.pipelines.runtime.executors import slurm_tasks
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.validate import validate_output
 from tests.pipelines.toy_stage import ToyConfig, ToyStage, crashed_local_run
 
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from misp_dpo.cli import main
-from misp_dpo.pipelines.mine import MineConfig, MineStage
-from misp_dpo.pipelines.runner import RunOptions, TaskResources, run_stage
-from misp_dpo.pipelines.slurm import Submission, cluster_max_array_size, plan_jobs, stage_settings
-from misp_dpo.pipelines.slurm_submit import prepare_submission
-from misp_dpo.testing import clustered_unit_vectors, write_candidates, write_embeddings
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.slurm import Submission, cluster_max_array_size, plan_jobs, stage_settings
+from misp_dpo.pipelines.runtime.slurm_submit import prepare_submission
+from misp_dpo.pipelines.stage import TaskResources
+from misp_dpo.pipelines.stages import STAGES
+from misp_dpo.pipelines.stages.mine import MineConfig, MineStage
+from tests.helpers import clustered_unit_vectors, write_candidates, write_embeddings
 from tests.pipelines.probe_stage import ProbeConfig, ProbeStage
 from tests.pipelines.test_runner import digest
 from tests.pipelines.toy_stage import ToyConfig, ToyStage
@@ -289,7 +291,7 @@ def test_generated_array_scripts_run_as_slurm_would_give_the_local_bytes(
         f'[mine]\ncandidates = "{tmp_path}/cand"\nout = "{tmp_path}/slurm"\nstrategy = "random"\n'
         "negatives = 2\ntasks = 3\n"
     )
-    _, jobs = prepare_submission(path, overrides={"executor": "slurm"})
+    _, jobs = prepare_submission(path, STAGES, overrides={"executor": "slurm"})
     assert [j.name for j in jobs] == ["01-mine-0", "01-mine-1", "01-mine-merge"]
     for job, size in zip(jobs, (2, 1, None), strict=True):
         script = tmp_path / f"{job.name}.sbatch"

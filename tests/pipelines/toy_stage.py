@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from misp_dpo.config import option
-from misp_dpo.pipelines.runner import Plan, RunOptions, ShardedConfig, Stage, TaskContext, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext
 
 SCHEMA = pa.schema(
     [pa.field("x", pa.int64()), pa.field("square", pa.int64())], metadata={b"misp_dpo.schema": b"toy/1"}

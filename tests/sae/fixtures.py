@@ -8,7 +8,7 @@ import numpy as np
 
 from misp_dpo.pipelines.manifest import Manifest
 from misp_dpo.sae.data import Dataset, PoolChunk, in_memory
-from misp_dpo.testing import clustered_unit_vectors, write_candidates, write_embeddings
+from tests.helpers import clustered_unit_vectors, write_candidates, write_embeddings
 
 
 def pool_arrays(

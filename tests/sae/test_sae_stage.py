@@ -15,10 +15,10 @@ from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import EMBED_STAGE
 from misp_dpo.pipelines.io import numpy_to_vectors, sha256_file
 from misp_dpo.pipelines.manifest import read_manifest
-from misp_dpo.pipelines.runner import RunOptions, run_stage
-from misp_dpo.pipelines.sae import CHECKPOINT, SaeConfig, SaeStage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stages.sae import CHECKPOINT, SaeConfig, SaeStage
 from misp_dpo.sae import load_sae
-from misp_dpo.testing import fake_image_ids, write_candidates, write_embeddings, write_prewritten
+from tests.helpers import fake_image_ids, write_candidates, write_embeddings, write_prewritten
 from tests.sae.fixtures import pool_arrays, write_inputs
 
 OUTPUTS = ("sae.safetensors", "cfg.json", "metrics.json", "curves.png")
@@ -63,8 +63,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(
 ) -> None:
     _, candidates = write_inputs(tmp_path)
     train(candidates.root, tmp_path / "whole", latents=16, variant="topk", k=4)
-    monkeypatch.setattr("misp_dpo.pipelines.sae.CHECKPOINT_SECONDS", 0.0)  # checkpoint every step
-    monkeypatch.setattr("misp_dpo.pipelines.sae._write_outputs", _crash)
+    monkeypatch.setattr("misp_dpo.pipelines.stages.sae.CHECKPOINT_SECONDS", 0.0)  # checkpoint every step
+    monkeypatch.setattr("misp_dpo.pipelines.stages.sae._write_outputs", _crash)
     with pytest.raises(RuntimeError, match="killed"):
         train(candidates.root, tmp_path / "resumed", latents=16, variant="topk", k=4)
     assert (tmp_path / "resumed" / CHECKPOINT).is_file()
@@ -143,7 +143,7 @@ def test_nan_rows_are_named_before_training(tmp_path: Path) -> None:
 
 
 def test_the_mine_stage_accepts_the_trained_sae(tmp_path: Path) -> None:
-    from misp_dpo.pipelines.mine import MineConfig, MineStage
+    from misp_dpo.pipelines.stages.mine import MineConfig, MineStage
 
     _, candidates = write_inputs(tmp_path)
     train(candidates.root, tmp_path / "sae", latents=16)

@@ -25,7 +25,7 @@ from misp_dpo.mining.report import NEGATIVE_SCORES, ShownImage, ShownPair, rende
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import atomic_path, iter_batches, sha256_file
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
-from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext
+from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 PAGE = "index.html"
 

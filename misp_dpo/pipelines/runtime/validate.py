@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.pipelines.io import sha256_file
 from misp_dpo.pipelines.manifest import read_manifest
-from misp_dpo.pipelines.runner import task_done
+from misp_dpo.pipelines.runtime.tasks import task_done
 from misp_dpo.pipelines.schemas import schema_id
 
 

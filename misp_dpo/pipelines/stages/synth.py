@@ -11,7 +11,7 @@ import pyarrow as pa
 from misp_dpo.config import option
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import atomic_path
-from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext
+from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 
 @dataclass(frozen=True, kw_only=True)

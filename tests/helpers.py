@@ -20,7 +20,8 @@ from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import EMBED_STAGE, ClipModelInfo
 from misp_dpo.pipelines.io import numpy_to_vectors
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash
-from misp_dpo.pipelines.runner import Plan, RunOptions, ShardedConfig, Stage, TaskContext, run_stage
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext
 
 
 def clustered_unit_vectors(

@@ -9,11 +9,12 @@
 
 Tables are read in file order; each is built into the stage's config exactly as its flags would be.
 A `[slurm]` table (with `[slurm.STAGE]` overrides) is not a stage: it sets the resources of the
-generated sbatch scripts (see `misp_dpo.pipelines.slurm`).
+generated sbatch scripts (see `misp_dpo.pipelines.runtime.slurm`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import tomllib
 from misp_dpo.config import build_config, flat_fields
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER
-from misp_dpo.pipelines.runner import RunOptions, Stage, run_stage
-from misp_dpo.pipelines.stages import STAGES
+from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.stage import Stage
 
 SECTIONS = ("slurm",)  # top-level tables that are settings, not stages
 
@@ -60,33 +61,40 @@ def substitute_table(table: dict[str, Any], variables: dict[str, Any], where: st
     return {k.replace("-", "_"): _substitute(v, variables, where) for k, v in table.items()}
 
 
+Registry = Mapping[str, Stage[Any]]  # stage name -> stage; the CLI passes misp_dpo.pipelines.stages.STAGES
+
+
 def load_pipeline(
-    path: Path, root: str | None = None, overrides: dict[str, Any] | None = None
+    path: Path, registry: Registry, root: str | None = None, overrides: dict[str, Any] | None = None
 ) -> list[tuple[Stage[Any], Any, RunOptions]]:
     """Parse and validate every stage of a pipeline file before any of them runs."""
     document, variables = read_pipeline(path, root)
     run_keys = {f.name for f, _ in flat_fields(RunOptions)}
     stages = []
     for name, table in ((k, v) for k, v in document.items() if isinstance(v, dict) and k not in SECTIONS):
-        if name not in STAGES:
-            raise UserError(f"{path}: [{name}] is not a stage; stages are {', '.join(STAGES)}")
+        if name not in registry:
+            raise UserError(f"{path}: [{name}] is not a stage; stages are {', '.join(registry)}")
         where = f"{path} [{name}]"
         values = substitute_table(table, variables, where)
         run_values = {k: v for k, v in values.items() if k in run_keys} | (overrides or {})
-        stage = STAGES[name]
+        stage = registry[name]
         cfg = build_config(stage.config, {k: v for k, v in values.items() if k not in run_keys}, where)
         stages.append((stage, cfg, build_config(RunOptions, run_values, where)))
     return stages
 
 
 def select_stages(
-    stages: list[tuple[Stage[Any], Any, RunOptions]], path: Path, until: str | None, only: str | None
+    stages: list[tuple[Stage[Any], Any, RunOptions]],
+    registry: Registry,
+    path: Path,
+    until: str | None,
+    only: str | None,
 ) -> list[tuple[Stage[Any], Any, RunOptions]]:
     """The stages `--until` / `--only` ask for, in file order."""
     names = [stage.name for stage, _, _ in stages]
     for flag, name in (("--until", until), ("--only", only)):
-        if name is not None and name not in STAGES:
-            raise UserError(f"{flag} {name}: not a stage; stages are {', '.join(STAGES)}")
+        if name is not None and name not in registry:
+            raise UserError(f"{flag} {name}: not a stage; stages are {', '.join(registry)}")
     if until is not None and only is not None:
         raise UserError("--until and --only: give one of them")
     if only is not None:
@@ -101,12 +109,15 @@ def select_stages(
 
 def run_pipeline(
     path: Path,
+    registry: Registry,
     until: str | None = None,
     root: str | None = None,
     overrides: dict[str, Any] | None = None,
     only: str | None = None,
 ) -> None:
-    for stage, cfg, opts in select_stages(load_pipeline(path, root, overrides), path, until, only):
+    for stage, cfg, opts in select_stages(
+        load_pipeline(path, registry, root, overrides), registry, path, until, only
+    ):
         manifest = run_stage(stage, cfg, opts)
         if manifest is None:  # a Slurm array task finished its share; later stages need every share
             return

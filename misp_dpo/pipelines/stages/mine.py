@@ -28,7 +28,7 @@ from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, upstream_em
 from misp_dpo.pipelines.io import task_rows
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import PoolBatch, iter_pools
-from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
 PREFIX = schemas.NEGATIVES_SHARD_PREFIX
 CARD = "README.md"

@@ -27,10 +27,11 @@ from typing import Any
 
 from misp_dpo.config import build_config, flat_fields, option
 from misp_dpo.errors import UserError
-from misp_dpo.pipelines.executors import TASK_COUNT_ENV, TASK_OFFSET_ENV
 from misp_dpo.pipelines.io import read_json
 from misp_dpo.pipelines.manifest import MANIFEST
-from misp_dpo.pipelines.runner import RunOptions, Stage, config_hash
+from misp_dpo.pipelines.runtime.executors import TASK_COUNT_ENV, TASK_OFFSET_ENV
+from misp_dpo.pipelines.runtime.runner import RunOptions, config_hash
+from misp_dpo.pipelines.stage import Stage
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default MaxArraySize
 Pipeline = list[tuple[Stage[Any], Any, RunOptions]]

@@ -17,7 +17,8 @@ from typing import Any
 
 from misp_dpo.errors import UserError
 from misp_dpo.log import progress
-from misp_dpo.pipelines.runner import Plan, RunOptions, Stage, TaskResources, run_one_task, task_done
+from misp_dpo.pipelines.runtime.tasks import RunOptions, run_one_task, task_done
+from misp_dpo.pipelines.stage import Plan, Stage, TaskResources
 
 # Set by the generated sbatch scripts when a stage's tasks are split over several arrays (a cluster's
 # MaxArraySize): the first stage task of this array, and the stage's array tasks over all its arrays.
@@ -149,7 +150,7 @@ def execute(stage: Stage[Any], cfg: Any, plan: Plan, chash: str, opts: RunOption
         workers, pinned = local_workers(opts.workers, stage.resources, gpus)
         run_local(stage, cfg, plan, chash, tasks, workers, pinned)
     elif opts.executor == "ray":
-        from misp_dpo.pipelines.ray_executor import run_ray
+        from misp_dpo.pipelines.runtime.ray_executor import run_ray
 
         run_ray(stage, cfg, plan, chash, opts)
     else:

@@ -15,8 +15,14 @@ from typing import Any
 
 from misp_dpo.errors import UserError
 from misp_dpo.log import log_event
-from misp_dpo.pipelines.pipeline_file import load_pipeline, read_pipeline, select_stages, substitute_table
-from misp_dpo.pipelines.slurm import (
+from misp_dpo.pipelines.runtime.pipeline_file import (
+    Registry,
+    load_pipeline,
+    read_pipeline,
+    select_stages,
+    substitute_table,
+)
+from misp_dpo.pipelines.runtime.slurm import (
     SlurmConfig,
     SlurmJob,
     Submission,
@@ -40,6 +46,7 @@ def _slurm_table(path: Path, root: str | None) -> dict[str, Any]:
 
 def prepare_submission(
     path: Path,
+    registry: Registry,
     *,
     until: str | None = None,
     only: str | None = None,
@@ -54,8 +61,8 @@ def prepare_submission(
         raise UserError("--submit / --dry-run: add --executor slurm (they write sbatch scripts)")
     if overrides.get("overwrite"):
         raise UserError("--overwrite with --submit: delete the output folders to redo instead")
-    everything = load_pipeline(path, root, overrides)
-    pipeline = select_stages(everything, path, until, only)
+    everything = load_pipeline(path, registry, root, overrides)
+    pipeline = select_stages(everything, registry, path, until, only)
     while pipeline and stage_complete(pipeline[0][0], pipeline[0][1]):
         log_event("already complete, no job", stage=pipeline[0][0].name, out=str(pipeline[0][1].out))
         pipeline = pipeline[1:]
@@ -120,6 +127,7 @@ def submit(directory: Path, jobs: list[SlurmJob], sbatch: str = "sbatch") -> dic
 
 def submit_pipeline(
     path: Path,
+    registry: Registry,
     *,
     dry_run: bool,
     max_array_size: int | None = None,
@@ -131,7 +139,7 @@ def submit_pipeline(
         *(slurm_flags or []),
         *([f"max_array_size={max_array_size}"] if max_array_size is not None else []),
     ]
-    directory, jobs = prepare_submission(path, slurm_flags=flags, **selection)
+    directory, jobs = prepare_submission(path, registry, slurm_flags=flags, **selection)
     if dry_run or not jobs:
         return describe(directory, jobs)
     lines = [f"submitted {name}: job {job_id}" for name, job_id in submit(directory, jobs).items()]

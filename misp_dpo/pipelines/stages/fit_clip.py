@@ -23,7 +23,7 @@ from misp_dpo.errors import UserError
 from misp_dpo.log import log_event, progress
 from misp_dpo.pipelines.io import atomic_path
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
-from misp_dpo.pipelines.runner import Plan, Stage, TaskContext
+from misp_dpo.pipelines.stage import Plan, Stage, TaskContext
 
 if TYPE_CHECKING:
     from misp_dpo.embed.fit_clip import SynthData

@@ -25,7 +25,7 @@ from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, upstream_em
 from misp_dpo.pipelines.io import atomic_path, iter_batches, write_json
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import iter_pools
-from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
 
 CHECKPOINT = "_checkpoint.pt"
 CHECKPOINT_SECONDS = 300.0

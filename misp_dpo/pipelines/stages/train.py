@@ -27,7 +27,7 @@ from misp_dpo.log import log_event
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import read_table, write_table
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
-from misp_dpo.pipelines.runner import Plan, Stage, StageConfig, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
 
 if TYPE_CHECKING:
     from misp_dpo.dpo.data import PreferenceData

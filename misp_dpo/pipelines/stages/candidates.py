@@ -36,7 +36,7 @@ from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, pair_shards
 from misp_dpo.pipelines.index_files import INDEX_DIR, index_key, open_index
 from misp_dpo.pipelines.io import iter_row_range, task_rows, vectors_to_numpy
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash
-from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
 PAIR_COLUMNS = ["pair_id", "image_id", "prompt_embedding", "chosen_embedding"]
 

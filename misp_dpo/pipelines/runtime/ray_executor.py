@@ -16,7 +16,8 @@ from typing import Any
 
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER, configure_logging, log_event, progress, resolve_format
-from misp_dpo.pipelines.runner import Plan, RunOptions, Stage, TaskResources, run_one_task, task_done
+from misp_dpo.pipelines.runtime.tasks import RunOptions, run_one_task, task_done
+from misp_dpo.pipelines.stage import Plan, Stage, TaskResources
 
 RAY_HINT = "pip install 'misp-dpo[ray]'"
 

@@ -26,7 +26,7 @@ from misp_dpo.log import progress
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import EMBED_STAGE, ClipModelInfo
 from misp_dpo.pipelines.io import ROW_GROUP_ROWS, ShardWriter, sha256_file, task_rows
-from misp_dpo.pipelines.runner import Plan, ShardedConfig, Stage, TaskContext, TaskResources
+from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
 
 @dataclass(frozen=True, kw_only=True)
