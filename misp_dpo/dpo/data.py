@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from misp_dpo.dpo.sampling import FEATURES
 from misp_dpo.image_uris import read_uri
 
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "positive", "negatives")
@@ -81,6 +82,14 @@ class PreferenceData:
         self.counts = pc.list_value_length(negatives).to_numpy(zero_copy_only=False).astype(np.int64)
         self.max_negatives = int(self.counts.max(initial=0))
         self.proposals = self._padded(negatives, "proposal")
+        present = {f.name for f in negatives.type.value_type}
+        self.fields = np.stack(  # (P, N_max, F) the mined fields a fitted proposal reads
+            [
+                self._padded(negatives, name) if name in present else self.proposals * np.nan
+                for name in FEATURES
+            ],
+            axis=2,
+        )
 
     def _padded(self, negatives: pa.ChunkedArray, name: str) -> np.ndarray:
         """(P, N_max) float64 of one negative field, NaN where a pair has fewer negatives or a null."""

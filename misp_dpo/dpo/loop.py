@@ -25,8 +25,10 @@ from misp_dpo.dpo.distributed import DistInfo, sum_all
 from misp_dpo.dpo.losses import LossConfig
 from misp_dpo.dpo.model import Policy
 from misp_dpo.dpo.reference import ReferenceLogps
+from misp_dpo.dpo.sampling import FittedProposal
 from misp_dpo.dpo.sequences import SequenceEncoder
-from misp_dpo.dpo.step import StepPlan, draw_for, micro_batch_loss
+from misp_dpo.dpo.step import StepPlan, draw_for, micro_batch_loss, refit_proposal
+from misp_dpo.log import log_event
 
 METRIC_SUMS = ("loss", "loss_image", "loss_text", "loss_anchor", "accuracy", "margin", "effective_negatives")
 METRIC_SUMS += ("chosen_reward",)
@@ -41,8 +43,14 @@ class LoopConfig:
         "M: negatives forwarded per pair and step, drawn with replacement from the dataset's proposal q "
         "with importance weights (unbiased estimate of sum_i exp(a_i)); 0 or >= N: all N, the exact loss",
     )
-    proposal: Literal["dataset", "uniform"] = option(
-        "dataset", "what --sample-negatives draws from: the dataset's q_i (renormalised) or uniform"
+    proposal: Literal["dataset", "uniform", "fitted"] = option(
+        "dataset",
+        "what --sample-negatives draws from: the dataset's q_i (renormalised), uniform, or fitted [ours]: "
+        "q_phi = softmax(w . mined fields), refitted every --refit-every steps to the model's a_i",
+    )
+    refit_every: int = option(50, "--proposal fitted: steps between refits of q_phi")
+    fit_pairs: int = option(
+        32, "--proposal fitted: held-out pairs whose a_i (all N forwarded) q_phi is fitted to"
     )
     epochs: float = option(1.0, "passes over the pairs (fractions allowed)")
     max_steps: int = option(0, "optimizer steps to run; 0: as many as --epochs take")
@@ -59,7 +67,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
         positive |= {"checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints}
-        positive |= {"ref_batch_size": self.ref_batch_size}
+        positive |= {"ref_batch_size": self.ref_batch_size, "refit_every": self.refit_every}
+        positive |= {"fit_pairs": self.fit_pairs}
         bad = {k: v for k, v in positive.items() if v < 1}
         if bad:
             raise ValueError(f"must be at least 1: {bad}")
@@ -118,6 +127,46 @@ class TrainState:
     loop: LoopConfig
     plan: StepPlan
     dist: DistInfo
+    fitted: FittedProposal | None = None  # --proposal fitted: q_phi, (re)fitted by `maybe_refit`
+
+
+def maybe_refit(state: TrainState, step: int, batch: np.ndarray) -> None:
+    """Refit q_phi every `refit_every` steps (and at the first step of a run or a resumed run) on
+    `fit_pairs` held-out pairs outside this step's batch, with the model as it is now. Every rank
+    computes the same fit from the same weights, so draws stay consistent across ranks."""
+    cfg, plan = state.loop, state.plan
+    if plan.proposal != "fitted" or plan.sample_negatives <= 0:
+        return
+    if state.fitted is not None and step % cfg.refit_every:
+        return
+    if state.fitted is None:
+        state.fitted = FittedProposal.for_data(state.data.fields[state.rows], state.data.counts[state.rows])
+    outside = np.setdiff1d(state.rows, batch)
+    pool = outside if len(outside) else state.rows
+    rng = np.random.default_rng([plan.seed, step, 1])
+    held_out = rng.choice(pool, size=min(cfg.fit_pairs, len(pool)), replace=False)
+    model = state.model.module if hasattr(state.model, "module") else state.model
+    was_training = model.training
+    model.eval()
+    variance = refit_proposal(
+        state.fitted,
+        model,
+        state.policy.device,
+        state.encoder,
+        state.data,
+        state.reference,
+        held_out,
+        state.loss.beta,
+    )
+    model.train(was_training)
+    if state.dist.is_main:
+        log_event(
+            "proposal refit",
+            step=step,
+            relative_variance_before=round(float(variance[0].mean()), 4),
+            relative_variance_after=round(float(variance[1].mean()), 4),
+            w=[round(float(v), 4) for v in state.fitted.w],
+        )
 
 
 def backward_step(state: TrainState, step: int) -> dict[str, float]:
@@ -128,11 +177,12 @@ def backward_step(state: TrainState, step: int) -> dict[str, float]:
     cfg, dist = state.loop, state.dist
     batch = global_batch(state.rows, step, cfg.batch_size * cfg.grad_accum * dist.world, state.plan.seed)
     per_rank = cfg.batch_size * cfg.grad_accum
+    maybe_refit(state, step, batch)
     sums = torch.zeros(len(METRIC_SUMS) + 1, dtype=torch.float64)
     for k in range(cfg.grad_accum):
         lo = (k * dist.world + dist.rank) * cfg.batch_size
         rows = batch[lo : lo + cfg.batch_size]
-        draw = draw_for(state.data, rows, state.plan, step)
+        draw = draw_for(state.data, rows, state.plan, step, state.fitted)
         last = k == cfg.grad_accum - 1
         sync = nullcontext() if last or not hasattr(state.model, "no_sync") else state.model.no_sync()
         with sync:

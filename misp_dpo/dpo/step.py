@@ -16,7 +16,7 @@ from PIL import Image
 from misp_dpo.dpo.data import PairRecord, PreferenceData, load_image
 from misp_dpo.dpo.losses import LossConfig, LossTerms, PairStats, pair_stats, preference_loss
 from misp_dpo.dpo.reference import ReferenceLogps
-from misp_dpo.dpo.sampling import Draw, Proposal, draw_negatives
+from misp_dpo.dpo.sampling import Draw, FittedProposal, Proposal, draw_negatives
 from misp_dpo.dpo.sequences import Encoded, SequenceEncoder, collate, sequence_logps
 
 
@@ -34,9 +34,15 @@ def pair_rngs(seed: int, step: int, rows: np.ndarray) -> list[np.random.Generato
     return [np.random.default_rng([seed, step, int(row)]) for row in rows]
 
 
-def draw_for(data: PreferenceData, rows: np.ndarray, plan: StepPlan, step: int) -> Draw:
+def draw_for(
+    data: PreferenceData, rows: np.ndarray, plan: StepPlan, step: int, fitted: FittedProposal | None = None
+) -> Draw:
+    """The step's draw; `--proposal fitted` draws from `fitted`'s q~ (the dataset's q until one exists)."""
+    proposals = data.proposals[rows]
+    if plan.proposal == "fitted" and fitted is not None and plan.sample_negatives > 0:
+        proposals = fitted.probabilities(data.fields[rows], data.counts[rows])
     return draw_negatives(
-        data.proposals[rows],
+        proposals,
         data.counts[rows],
         plan.sample_negatives,
         plan.proposal,
@@ -78,8 +84,25 @@ def micro_batch_loss(
     loss_cfg: LossConfig,
 ) -> tuple[LossTerms, PairStats]:
     """Per-pair loss terms and stats for `rows`, with the policy forward holding the graph."""
+    h_pos, h_neg, log_weights, h_rejected, has_rejected = pair_rewards(
+        model, device, encoder, data, reference, rows, draw, loss_cfg.text_weight > 0
+    )
+    terms = preference_loss(loss_cfg, h_pos, h_neg, log_weights, h_rejected, has_rejected)
+    return terms, pair_stats(h_pos.detach(), h_neg.detach(), log_weights, loss_cfg.beta)
+
+
+def pair_rewards(
+    model: torch.nn.Module,
+    device: torch.device,
+    encoder: SequenceEncoder,
+    data: PreferenceData,
+    reference: ReferenceLogps,
+    rows: np.ndarray,
+    draw: Draw,
+    use_text: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h_p (B,), h_i (B, K) of the drawn negatives, their log weights, h of the rejected, has_rejected)."""
     records = data.records(rows)
-    use_text = loss_cfg.text_weight > 0
     encoded, positive_at, negative_at, rejected_at = pair_sequences(records, draw, encoder, data, use_text)
     dtype = next(p for p in model.parameters()).dtype
     batch = collate([encoded], encoder.tokenizer.pad_token_id or 0).to(device, dtype)
@@ -103,5 +126,30 @@ def micro_batch_loss(
     h_rejected = torch.where(
         has_rejected, rejected_logps - tensor(np.nan_to_num(ref_rejected)), h_pos.detach()
     )
-    terms = preference_loss(loss_cfg, h_pos, h_neg, log_weights, h_rejected, has_rejected)
-    return terms, pair_stats(h_pos.detach(), h_neg.detach(), log_weights, loss_cfg.beta)
+    return h_pos, h_neg, log_weights, h_rejected, has_rejected
+
+
+@torch.no_grad()
+def refit_proposal(
+    fitted: FittedProposal,
+    model: torch.nn.Module,
+    device: torch.device,
+    encoder: SequenceEncoder,
+    data: PreferenceData,
+    reference: ReferenceLogps,
+    rows: np.ndarray,
+    beta: float,
+) -> np.ndarray:
+    """Refit q_phi on the current model's a_i = beta (h_i - h_p) over every stored negative of `rows`
+    (a held-out batch); returns each pair's relative variance at M = 1 before and after, (2, B)."""
+    from misp_dpo.dpo.sampling import relative_variance
+
+    width = int(data.counts[rows].max(initial=0))
+    index = np.where(np.arange(width)[None, :] < data.counts[rows, None], np.arange(width)[None, :], -1)
+    draw = Draw(index=index, log_weight=np.where(index >= 0, 0.0, -np.inf))
+    h_pos, h_neg, *_ = pair_rewards(model, device, encoder, data, reference, rows, draw, use_text=False)
+    a = (beta * (h_neg - h_pos[:, None])).double().cpu().numpy()
+    fields, counts = data.fields[rows, :width], data.counts[rows]
+    before = relative_variance(a, fitted.probabilities(fields, counts), counts)
+    fitted.fit(fields, counts, a)
+    return np.stack([before, relative_variance(a, fitted.probabilities(fields, counts), counts)])
