@@ -22,7 +22,14 @@ from misp_dpo.image_uris import relative_to
 from misp_dpo.log import LOGGER, log_event
 from misp_dpo.mining.scores import PoolCodes, PoolEncoder, encode
 from misp_dpo.mining.selection import clean_pool, pair_seeds
-from misp_dpo.mining.strategies import NEEDS_SAE, Pools, SelectionParams, Strategy, select_negatives
+from misp_dpo.mining.strategies import (
+    NEEDS_SAE,
+    NEEDS_SEEDS,
+    Pools,
+    SelectionParams,
+    Strategy,
+    select_negatives,
+)
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, upstream_embeddings
 from misp_dpo.pipelines.io import task_rows
@@ -249,7 +256,9 @@ def mine_batch(
     timings["encode"] += time.perf_counter() - started
     started = time.perf_counter()
     seeds = (
-        pair_seeds(batch.pairs.column("pair_id").to_pylist(), cfg.seed) if cfg.strategy == "random" else None
+        pair_seeds(batch.pairs.column("pair_id").to_pylist(), cfg.seed)
+        if cfg.strategy in NEEDS_SEEDS
+        else None
     )
     pools = Pools(batch.positive, batch.candidates, mask, batch.sim_image, batch.sim_prompt, seeds)
     mined = select_negatives(pools, cfg.params(), codes)
