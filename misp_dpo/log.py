@@ -1,4 +1,11 @@
-"""The package's one logger and its progress bars: text and bars on a terminal, JSON lines otherwise."""
+"""The package's one logger and its progress bars: text and bars on a terminal, JSON lines otherwise.
+
+Every JSON line carries an ISO 8601 UTC `time`. Python warnings (`warnings.warn` from any library)
+and records of libraries that log through the standard `logging` tree (datasets, huggingface_hub,
+open_clip, ...) reach the same handler, so they come out as our lines, not as raw text between them.
+The handler writes through `tqdm.write`, which lifts a live progress bar off the terminal line before
+printing, so bars and log lines never share a line.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -16,7 +24,14 @@ LogFormat = Literal["auto", "text", "json"]
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {"level": record.levelname.lower(), "message": record.getMessage()}
+        stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds")
+        payload: dict[str, Any] = {
+            "time": stamp.replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        if record.name != LOGGER.name:
+            payload["logger"] = record.name  # py.warnings, datasets, ...
         payload.update(getattr(record, "fields", {}))
         return json.dumps(payload, sort_keys=True, default=str)
 
@@ -25,6 +40,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         line = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname} {record.getMessage()}"
+        if record.name != LOGGER.name:
+            line += f" [{record.name}]"
         return line + "".join(f" {k}={v}" for k, v in fields.items())
 
 
@@ -35,12 +52,27 @@ def resolve_format(log_format: LogFormat) -> Literal["text", "json"]:
     return log_format
 
 
+class _TqdmHandler(logging.Handler):
+    """Writes each record with `tqdm.write`, which keeps live progress bars off the record's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 -- logging must never raise (logging.Handler.handleError's rule)
+            self.handleError(record)
+
+
 def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Our records at `level`, and third-party warnings (Python warnings, libraries' WARNING records
+    that reach the root logger) through the same handler and format."""
+    handler = _TqdmHandler()
     handler.setFormatter(JsonFormatter() if resolve_format(log_format) == "json" else _TextFormatter())
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level)
     LOGGER.propagate = False
+    logging.captureWarnings(True)
+    root = logging.getLogger()  # other handlers there (pytest's capture) stay
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _TqdmHandler)] + [handler]
 
 
 def log_event(message: str, **fields: Any) -> None:
