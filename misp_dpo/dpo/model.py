@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -198,7 +198,61 @@ def load_policy(spec: str, cfg: ModelConfig, seed: int, local_rank: int = 0) -> 
     return Policy(model=model, processor=processor, device=device, lora=cfg.lora, identity=identity)
 
 
-def save_policy(policy: Policy, folder: Path) -> None:
-    """The trained weights as safetensors: the peft adapter folder, or the full model without LoRA."""
+def base_reference(spec: str) -> str:
+    """How an adapter names its base: the absolute path of a local folder, else the hub id as given."""
+    local = Path(spec)
+    return str(local.resolve()) if local.is_dir() else spec
+
+
+def save_policy(
+    policy: Policy, folder: Path, base: str | None = None, facts: Mapping[str, Any] | None = None
+) -> None:
+    """The trained weights as safetensors: the peft adapter folder, or the full model without LoRA,
+    with the processor and a model card (README.md: base, dataset, loss settings, metrics in `facts`).
+
+    `base` (a hub id or an absolute folder, see `base_reference`) becomes the adapter's
+    `base_model_name_or_path`, so `peft.AutoPeftModel.from_pretrained(folder)` loads it from any
+    working directory; task_type stays null (peft has no image-text task type), and peft then
+    rebuilds the base class it records in `auto_mapping`.
+    """
+    if policy.lora and base is not None:
+        for config in policy.model.peft_config.values():
+            config.base_model_name_or_path = base
     policy.model.save_pretrained(folder, safe_serialization=True)
     policy.processor.save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(base, policy.lora, facts or {}))
+
+
+def model_card(base: str | None, lora: bool, facts: Mapping[str, Any]) -> str:
+    """A short model card: what was trained on what, with which loss, and where it ended."""
+    hub_id = base is not None and not Path(base).is_absolute()
+    header = ["---", "library_name: peft" if lora else "library_name: transformers"]
+    header += [f"base_model: {base}"] if hub_id else []
+    header += ["tags:", "- misp-dpo", "- dpo", "- vision-language", "---", ""]
+    kind = "LoRA adapter" if lora else "Fine-tuned model"
+    lines = [f"# {kind} trained with misp-dpo (multi-negative DPO)", ""]
+    lines.append(f"- base model: `{base or 'unknown'}`")
+    lines += [f"- {key}: {_card_value(value)}" for key, value in facts.items()]
+    lines += ["", "## Load", "", "```python"]
+    if lora:
+        lines += [
+            "from peft import AutoPeftModel",
+            "",
+            'model = AutoPeftModel.from_pretrained("PATH/TO/THIS/FOLDER")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForImageTextToText",
+            "",
+            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
+        ]
+    lines += ["```", "", "Evaluate: `misp-dpo eval --adapter THIS_FOLDER --probes POPE.jsonl --out DIR`", ""]
+    return "\n".join(header + lines)
+
+
+def _card_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_card_value(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"`{value}`" if isinstance(value, str) else str(value)

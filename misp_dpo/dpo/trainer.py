@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from misp_dpo.dpo.loop import (
     total_steps,
 )
 from misp_dpo.dpo.losses import LossConfig
-from misp_dpo.dpo.model import Policy, save_policy
+from misp_dpo.dpo.model import Policy, base_reference, save_policy
 from misp_dpo.dpo.reference import ReferenceLogps
 from misp_dpo.dpo.sequences import SequenceEncoder
 from misp_dpo.dpo.step import StepPlan
@@ -121,17 +121,33 @@ def run_training(
     return records
 
 
-def save_outputs(policy: Policy, spec: str, seed: int, out: Path) -> list[str]:
+def save_outputs(
+    policy: Policy, spec: str, seed: int, out: Path, facts: Mapping[str, Any] | None = None
+) -> list[str]:
     """Write the trained weights (peft adapter, or the full model without LoRA) and the tiny base.
 
     Returns the written files relative to `out`. The tiny base is rebuilt from spec and seed, so
-    `AutoModelForImageTextToText.from_pretrained(out/base)` + the adapter reproduce the policy.
+    `AutoModelForImageTextToText.from_pretrained(out/base)` + the adapter reproduce the policy; the
+    adapter names it by absolute path (a hub id or local folder otherwise), and its model card lists
+    `facts` (dataset, loss settings) and the last step's metrics.
     """
-    save_policy(policy, out / (ADAPTER if policy.lora else MODEL))
     size = parse_tiny(spec)
     if size is not None:
         processor = tiny_processor()
         tiny_model(size, processor, seed).save_pretrained(out / BASE, safe_serialization=True)
         processor.save_pretrained(out / BASE)
+    base = str((out / BASE).resolve()) if size is not None else base_reference(spec)
+    card = {**(facts or {}), **_last_metrics(out)}
+    save_policy(policy, out / (ADAPTER if policy.lora else MODEL), base, card)
     folders = [out / name for name in (ADAPTER, MODEL, BASE) if (out / name).is_dir()]
     return sorted(str(p.relative_to(out)) for folder in folders for p in folder.rglob("*") if p.is_file())
+
+
+def _last_metrics(out: Path) -> dict[str, Any]:
+    """The last training step's loss, accuracy and margin, for the model card."""
+    path = out / METRICS
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not lines:
+        return {}
+    last = json.loads(lines[-1])
+    return {"final step": {k: last[k] for k in ("step", "loss", "accuracy", "margin") if k in last}}
