@@ -137,6 +137,14 @@ class SelectionParams:
             object.__setattr__(self, name, value)
 
 
+def check_sae_variant(params: SelectionParams, variant: str | None) -> None:
+    """`--preset paper` scores with the paper's fused-difference SAE; refuse any other (one line)."""
+    if params.preset == "paper" and variant != "paper":
+        raise ValueError(
+            f"--preset paper needs an SAE trained with --variant paper; --sae holds {variant or 'none'}"
+        )
+
+
 def _shown(value: object) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 

@@ -9,7 +9,13 @@ import pytest
 from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
 from misp_dpo.mining.selection import greedy_select, pair_seeds, top_latents, uniform_keys
-from misp_dpo.mining.strategies import Pools, SelectionParams, select_negatives, similarity_rank
+from misp_dpo.mining.strategies import (
+    Pools,
+    SelectionParams,
+    check_sae_variant,
+    select_negatives,
+    similarity_rank,
+)
 from tests.mining.test_strategies import make_pools
 
 # Hand-worked pool for latent coverage (see test_latent_coverage_matches_the_hand_worked_example)
@@ -161,3 +167,12 @@ def test_weights_zero_with_relevance_and_the_paper_preset() -> None:
     np.testing.assert_array_equal(
         select_negatives(pools, paper, codes).picks, select_negatives(pools, SelectionParams(), codes).picks
     )
+
+
+def test_the_paper_preset_needs_the_paper_sae() -> None:
+    check_sae_variant(SelectionParams(preset="paper"), "paper")
+    check_sae_variant(SelectionParams(), "topk")
+    with pytest.raises(
+        ValueError, match="--preset paper needs an SAE trained with --variant paper; --sae holds topk"
+    ):
+        check_sae_variant(SelectionParams(preset="paper"), "topk")
