@@ -7,8 +7,10 @@ from typing import Any
 from misp_dpo.pipelines.stage import Stage
 from misp_dpo.pipelines.stages.candidates import CandidatesStage
 from misp_dpo.pipelines.stages.embed import EmbedStage
+from misp_dpo.pipelines.stages.eval import EvalStage
 from misp_dpo.pipelines.stages.fit_clip import FitClipStage
 from misp_dpo.pipelines.stages.mine import MineStage
+from misp_dpo.pipelines.stages.publish import PublishStage
 from misp_dpo.pipelines.stages.report import ReportStage
 from misp_dpo.pipelines.stages.sae import SaeStage
 from misp_dpo.pipelines.stages.synth import SynthStage
@@ -24,6 +26,8 @@ STAGES: dict[str, Stage[Any]] = {
         SaeStage(),
         MineStage(),
         ReportStage(),
+        PublishStage(),
         TrainStage(),
+        EvalStage(),
     )
 }
