@@ -7,6 +7,7 @@ from typing import Any
 from misp_dpo.pipelines.stage import Stage
 from misp_dpo.pipelines.stages.candidates import CandidatesStage
 from misp_dpo.pipelines.stages.embed import EmbedStage
+from misp_dpo.pipelines.stages.eval import EvalStage
 from misp_dpo.pipelines.stages.fit_clip import FitClipStage
 from misp_dpo.pipelines.stages.mine import MineStage
 from misp_dpo.pipelines.stages.publish import PublishStage
@@ -27,5 +28,6 @@ STAGES: dict[str, Stage[Any]] = {
         ReportStage(),
         PublishStage(),
         TrainStage(),
+        EvalStage(),
     )
 }

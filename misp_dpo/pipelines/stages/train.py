@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from misp_dpo.config import option
+from misp_dpo.config import option, to_dict
 from misp_dpo.dpo.loop import LoopConfig
 from misp_dpo.dpo.losses import LossConfig
 from misp_dpo.dpo.model import ModelConfig, check_model_spec
@@ -244,7 +244,8 @@ def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> 
         )
     state = build_state(policy, data, reference, rows, cfg.loss, cfg.loop, cfg.seed, dist)
     records = run_training(state, out, show_progress=dist.is_main)
-    files = save_outputs(policy, cfg.model, cfg.seed, out) if dist.is_main else []
+    card = {"dataset": str(work.negatives.resolve()), "loss": to_dict(cfg.loss), "loop": to_dict(cfg.loop)}
+    files = save_outputs(policy, cfg.model, cfg.seed, out, card) if dist.is_main else []
     distributed.barrier()
     distributed.shutdown()
     if records:
