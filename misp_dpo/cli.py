@@ -33,10 +33,11 @@ app = typer.Typer(
 
 
 def _cli_type(kind: Any) -> Any:
-    """Typer-friendly annotation: tuples travel as comma-separated strings, parsed by `build_config`."""
+    """Typer-friendly annotation: a tuple is a repeatable flag whose values may also be comma-separated
+    (`--probes a.json --probes b.json` = `--probes a.json,b.json`), joined and parsed by `build_config`."""
     origin = get_origin(kind)
     if origin is tuple:
-        return str
+        return list[str]
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in get_args(kind) if a is not type(None)][0]
         return Optional[_cli_type(inner)]  # noqa: UP045 - typer needs typing.Optional at runtime
@@ -48,7 +49,7 @@ def _parameter(f: dataclasses.Field[Any], kind: Any) -> inspect.Parameter:
     required = f.default is dataclasses.MISSING
     default = ... if required else f.default
     if isinstance(default, tuple):
-        default = ",".join(str(v) for v in default)
+        default = [",".join(str(v) for v in default)] if default else []
     if f.metadata.get("argument"):
         info = typer.Argument(default, help=help_text, show_default=not required)
     else:
@@ -68,6 +69,7 @@ def _stage_command(name: str) -> None:
     parameters = [_parameter(f, kind) for f, kind in ordered]
 
     def command(**values: Any) -> None:
+        values = {k: ",".join(v) if isinstance(v, list) else v for k, v in values.items()}
         run_names = {f.name for f, _ in run_fields}
         opts = build_config(RunOptions, {k: v for k, v in values.items() if k in run_names}, "flags")
         cfg = build_config(stage.config, {k: v for k, v in values.items() if k not in run_names}, "flags")
