@@ -10,7 +10,7 @@ RUNS ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install mine train report test test-fast lint bench gpu-check clean
+.PHONY: install mine train eval report test test-fast lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ mine: install
 
 train: install
 	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo --lr 2e-3 --epochs 0.3
+
+# Base vs trained on the demo's held-out POPE probes and preference pairs (after `make train`);
+# the adapter names its base model, so no --model is needed.
+eval: install
+	$(BIN)/misp-dpo eval --adapter $(RUNS)/dpo/adapter --probes $(RUNS)/synth/probes.parquet \
+	  --pairs $(RUNS)/synth/heldout_pairs.parquet --out $(RUNS)/eval
 
 test: install $(VENV)/.chromium
 	$(BIN)/python -m pytest -q
