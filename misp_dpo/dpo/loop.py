@@ -10,10 +10,12 @@ gradient average over ranks then makes the step's gradient the mean over the glo
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -128,19 +130,25 @@ class TrainState:
     plan: StepPlan
     dist: DistInfo
     fitted: FittedProposal | None = None  # --proposal fitted: q_phi, (re)fitted by `maybe_refit`
+    fits: Path | None = None  # where each refit's w is logged (JSON lines), so a resumed run reuses it
 
 
 def maybe_refit(state: TrainState, step: int, batch: np.ndarray) -> None:
-    """Refit q_phi every `refit_every` steps (and at the first step of a run or a resumed run) on
-    `fit_pairs` held-out pairs outside this step's batch, with the model as it is now. Every rank
-    computes the same fit from the same weights, so draws stay consistent across ranks."""
+    """Refit q_phi every `refit_every` steps on `fit_pairs` held-out pairs outside this step's batch,
+    with the model as it is now. Every rank computes the same fit from the same weights, so draws stay
+    consistent across ranks. A resumed run takes the fit in force at its first step from `fits`, so
+    it draws what an uninterrupted run would have drawn."""
     cfg, plan = state.loop, state.plan
     if plan.proposal != "fitted" or plan.sample_negatives <= 0:
         return
-    if state.fitted is not None and step % cfg.refit_every:
-        return
     if state.fitted is None:
         state.fitted = FittedProposal.for_data(state.data.fields[state.rows], state.data.counts[state.rows])
+        if step % cfg.refit_every and _restore_fit(state, step):
+            return  # resumed between refits (without a record, it refits now: not the same draws)
+        if step % cfg.refit_every == 0:
+            _restore_fit(state, step)  # the previous fit, which this refit starts from
+    elif step % cfg.refit_every:
+        return
     outside = np.setdiff1d(state.rows, batch)
     pool = outside if len(outside) else state.rows
     rng = np.random.default_rng([plan.seed, step, 1])
@@ -167,6 +175,26 @@ def maybe_refit(state: TrainState, step: int, batch: np.ndarray) -> None:
             relative_variance_after=round(float(variance[1].mean()), 4),
             w=[round(float(v), 4) for v in state.fitted.w],
         )
+        if state.fits is not None:
+            record = {"step": step, "w": state.fitted.w.tolist(), "variance": variance.mean(axis=1).tolist()}
+            state.fits.parent.mkdir(parents=True, exist_ok=True)
+            with open(state.fits, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _restore_fit(state: TrainState, step: int) -> bool:
+    """Load the last fit made before `step` (at `step` itself a refit follows) and drop later ones."""
+    if state.fits is None or state.fitted is None or not state.fits.is_file():
+        return False
+    cut = step if step % state.loop.refit_every == 0 else step + 1
+    records = [json.loads(line) for line in state.fits.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] < cut]
+    if state.dist.is_main and len(kept) < len(records):
+        state.fits.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if not kept:
+        return False
+    state.fitted.w = np.array(kept[-1]["w"], dtype=np.float64)
+    return True
 
 
 def backward_step(state: TrainState, step: int) -> dict[str, float]:

@@ -37,6 +37,7 @@ from misp_dpo.dpo.tiny import parse_tiny, tiny_model, tiny_processor
 from misp_dpo.log import log_event, progress
 
 METRICS = "metrics.jsonl"
+PROPOSAL_FITS = "proposal_fits.jsonl"  # --proposal fitted: q_phi's w at each refit
 ADAPTER = "adapter"  # LoRA: the peft adapter folder
 MODEL = "model"  # --no-lora: the whole fine-tuned model
 BASE = "base"
@@ -87,6 +88,7 @@ def run_training(
         start = load_checkpoint(checkpoint, state.policy.trainable(), optimizer, scheduler)
         log_event("resuming training", checkpoint=str(checkpoint), step=start, steps=steps)
     metrics_path = out / METRICS
+    state.fits = out / PROPOSAL_FITS
     if state.dist.is_main:
         _rewind_metrics(metrics_path, start)
     state.model.train()

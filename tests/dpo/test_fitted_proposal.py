@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,43 @@ def test_training_with_the_fitted_proposal_refits_and_lowers_the_variance(
     w = state.fitted.w.copy()
     maybe_refit(state, 5, state.rows[:2])  # not a refit step: q_phi is kept
     assert np.array_equal(w, state.fitted.w)
+
+
+@pytest.mark.slow
+def test_a_resumed_fitted_run_draws_what_an_uninterrupted_one_draws(
+    negatives8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refits at steps 0 and 2, checkpoint at 3, crash in step 4: the resumed run restores the fit of
+    step 2 from proposal_fits.jsonl and ends with the same metrics and fits."""
+    from misp_dpo.dpo import trainer
+    from misp_dpo.dpo.loop import LoopConfig
+    from tests.dpo.test_train_stage import _state
+
+    loop = LoopConfig(
+        max_steps=5,
+        batch_size=2,
+        lr=5e-3,
+        sample_negatives=1,
+        proposal="fitted",
+        refit_every=2,
+        fit_pairs=4,
+        checkpoint_every=3,
+    )
+    whole = trainer.run_training(_state(negatives8, loop), tmp_path / "whole", show_progress=False)
+    real_step, calls = trainer.optimizer_step, {"n": 0}
+
+    def crash_in_step_four(*args: object, **kwargs: object) -> float:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "optimizer_step", crash_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_training(_state(negatives8, loop), tmp_path / "resumed", show_progress=False)
+    monkeypatch.setattr(trainer, "optimizer_step", real_step)
+    trainer.run_training(_state(negatives8, loop), tmp_path / "resumed", show_progress=False)
+    for name in ("metrics.jsonl", "proposal_fits.jsonl"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "resumed" / name).read_text(), name
+    fits = (tmp_path / "whole" / "proposal_fits.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in fits] == [0, 2, 4] and len(whole) == 5
