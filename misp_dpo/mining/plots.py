@@ -49,10 +49,12 @@ def render_histograms(values: dict[str, np.ndarray], prefix: str = "hist-") -> d
 
     images = {}
     for name, data in values.items():
-        figure, axis = plt.subplots(figsize=(3.2, 2.2), dpi=100)
+        figure, axis = plt.subplots(figsize=(4.0, 2.8), dpi=100)
         axis.hist(data, bins=40, color="#4c72b0")
-        axis.set_title(HISTOGRAM_FIELDS[name], fontsize=8)
-        axis.tick_params(labelsize=7)
+        axis.set_title(f"{HISTOGRAM_FIELDS[name]} ({len(data)} negatives)", fontsize=10)
+        axis.set_xlabel(f"{HISTOGRAM_FIELDS[name]} (field {name})", fontsize=9)
+        axis.set_ylabel("number of negatives", fontsize=9)
+        axis.tick_params(labelsize=8)
         figure.tight_layout()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})

@@ -21,10 +21,13 @@ from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.mining.attributes import AttributeTable, dataset_quality
-from misp_dpo.mining.report import NEGATIVE_SCORES, ShownImage, ShownPair, render_report, thumbnail
+from misp_dpo.mining.label_free import label_free_rows, negative_flags, pair_spread
+from misp_dpo.mining.plots import HISTOGRAM_FIELDS, gather_fields, render_histograms
+from misp_dpo.mining.report import render_report, shown_pairs, summary_rows, thumbnail
 from misp_dpo.pipelines import schemas
+from misp_dpo.pipelines.embeddings import ImageStore
 from misp_dpo.pipelines.io import atomic_path, iter_batches, sha256_file
-from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
+from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 PAGE = "index.html"
@@ -80,14 +83,20 @@ class ReportStage(Stage[ReportConfig]):
         table = _sample(shards, negatives.rows(schemas.NEGATIVES_SHARD_PREFIX), cfg.limit, cfg.seed)
         attributes = _load_attributes(cfg.attributes) if cfg.attributes is not None else None
         thumbs = _thumbnails(table, cfg.thumb_size, cfg.image_root or negatives.root, ctx)
-        pairs = _shown_pairs(table, thumbs, attributes)
-        histograms = _histograms(shards, ctx)
-        summary = _summary(negatives, len(pairs), ctx)
+        values = gather_fields(iter_batches(shards, ["negatives"]))
+        flags = negative_flags(values.get("sim_image", np.zeros(0, np.float32)))
+        pairs = shown_pairs(table.to_pylist(), thumbs, attributes, flags)  # at most --limit rows
+        histograms = _histograms(values, ctx)
+        name = cfg.negatives.resolve().name
+        unreadable = int(ctx.counts.get("failures", 0))
+        summary = summary_rows(name, negatives.meta, negatives.stats, len(pairs), unreadable)
+        quality = label_free_rows(values, flags, _spread(negatives.meta, shards))
         if attributes is not None:
-            summary += _quality_rows(attributes, shards)
-        title = f"misp-dpo negatives: {negatives.meta.get('strategy', '?')} ({cfg.negatives.name})"
+            quality += _quality_rows(attributes, shards)
+        title = f"misp-dpo report: {name} ({negatives.meta.get('strategy', '?')} negatives)"
         with atomic_path(ctx.output_file(PAGE)) as tmp:
-            tmp.write_text(render_report(title, summary, histograms, pairs), encoding="utf-8")
+            page = render_report(title, summary, quality, histograms, pairs, flags)
+            tmp.write_text(page, encoding="utf-8")
         ctx.count("pairs_shown", len(pairs))
 
 
@@ -148,64 +157,29 @@ def _thumbnails(table: pa.Table, size: int, root: Path, ctx: TaskContext) -> dic
     return thumbs
 
 
-def _shown_pairs(
-    table: pa.Table, thumbs: dict[str, str | None], attributes: AttributeTable | None
-) -> list[ShownPair]:
-    shown = []
-    for row in table.to_pylist():  # the sample: at most --limit rows
-        positive = ShownImage(
-            row["positive"]["image_id"], row["positive"]["uri"], thumbs[row["positive"]["image_id"]]
-        )
-        pos_row = attributes.rows([positive.uri])[0] if attributes is not None else -1
-        if attributes is not None and pos_row >= 0:
-            positive.attributes = attributes.describe(pos_row)
-        negatives = []
-        for n in row["negatives"]:
-            image = ShownImage(
-                n["image_id"],
-                n["uri"],
-                thumbs[n["image_id"]],
-                {k: n[k] for k, _ in NEGATIVE_SCORES},
-                n["rank"],
-            )
-            neg_row = attributes.rows([image.uri])[0] if attributes is not None else -1
-            if attributes is not None and neg_row >= 0 and pos_row >= 0:
-                image.changed = attributes.changed(pos_row, neg_row)
-            negatives.append(image)
-        shown.append(
-            ShownPair(row["pair_id"], row["prompt"], row["chosen"], row["rejected"], positive, negatives)
-        )
-    return shown
-
-
-def _histograms(shards: list[Path], ctx: TaskContext) -> list[str]:
-    from misp_dpo.mining.plots import gather_fields, render_histograms
-
-    images = render_histograms(gather_fields(iter_batches(shards, ["negatives"])))
+def _histograms(values: dict[str, np.ndarray], ctx: TaskContext) -> list[tuple[str, str]]:
+    images = render_histograms(values)
     for name, png in images.items():
         with atomic_path(ctx.output_file(name)) as tmp:
             tmp.write_bytes(png)
-    return list(images)
+    return [(name, HISTOGRAM_FIELDS[name[5:-4]]) for name in images]
 
 
-def _summary(negatives: Manifest, shown: int, ctx: TaskContext) -> list[tuple[str, str]]:
-    meta, stats = negatives.meta, negatives.stats
-    sae = meta.get("sae") or {}
-    clip = meta.get("clip") or {}
-    rows: list[tuple[str, Any]] = [
-        ("dataset", negatives.root.resolve()),
-        ("strategy", meta.get("strategy")),
-        ("SAE", f"{sae.get('variant')} ({sae.get('latents')} latents)" if sae else "none"),
-        ("CLIP", f"{clip.get('model')} {clip.get('pretrained', '')} D={clip.get('dim')}"),
-        ("negatives per pair (N)", meta.get("negatives")),
-        ("pairs", stats.get("pairs", 0)),
-        ("negatives", stats.get("negatives", 0)),
-        ("pairs with fewer than N", stats.get("short_pairs", 0)),
-        ("failed pairs", stats.get("failures", 0)),
-        ("pairs shown", shown),
-        ("unreadable images in the sample", ctx.counts.get("failures", 0)),
-    ]
-    return [(k, str(v)) for k, v in rows]
+def _spread(meta: dict[str, Any], shards: list[Path]) -> np.ndarray | None:
+    """Per-pair spread of the negatives from mine's embeddings; None when that folder is gone."""
+    folder = meta.get("embeddings_dir")
+    if not folder or not (Path(folder) / "manifest.json").is_file():
+        return None
+    store = ImageStore.load(read_manifest(Path(folder), "embed"))
+    parts = []
+    for batch in iter_batches(shards, ["negatives"]):
+        negatives = batch.column(0)
+        rows = store.rows(negatives.flatten().field("image_id"))
+        if (rows < 0).any():
+            return None
+        offsets = negatives.offsets.to_numpy()
+        parts.append(pair_spread(store.vectors[rows], offsets - offsets[0]))
+    return np.concatenate(parts) if parts else None
 
 
 def _quality_rows(attributes: AttributeTable, shards: list[Path]) -> list[tuple[str, str]]:
