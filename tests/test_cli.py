@@ -25,7 +25,7 @@ def test_help_explains_every_flag(command: str) -> None:
 def test_user_error_is_one_line_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "junk.txt").write_text("not ours")
     with pytest.raises(SystemExit) as exit_info:
-        main(["synth", str(tmp_path), "--n", "3"])
+        main(["synth", "--out", str(tmp_path), "--n", "3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --out") and "Traceback" not in "\n".join(err)
