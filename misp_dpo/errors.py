@@ -4,6 +4,17 @@ A `UserError` is printed by the CLI as one line (no traceback): its message must
 column or flag at fault and the fix. Anything else is a bug and keeps its traceback.
 """
 
+import re
+
 
 class UserError(Exception):
     """Bad input or configuration, reported as one line naming the problem and the fix."""
+
+
+# An object's repr such as `<_io.BytesIO object at 0x7f...>`: its address differs on every run.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def in_words(error: BaseException) -> str:
+    """An error's message without object reprs, so a per-item failure's detail is the same on every run."""
+    return _OBJECT_REPR.sub("", str(error)).strip()

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from misp_dpo.dpo.sampling import FEATURES
+from misp_dpo.errors import in_words
 from misp_dpo.image_uris import read_uri
 
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "positive", "negatives")
@@ -58,15 +59,15 @@ def load_image(uri: str | None, root: Path) -> Image.Image:
     try:
         data = read_uri(uri, root)
     except FileNotFoundError as error:
-        raise SampleError("missing image file", str(error)) from None
+        raise SampleError("missing image file", in_words(error)) from None
     except ValueError as error:
-        raise SampleError("unsupported image uri", str(error)) from None
+        raise SampleError("unsupported image uri", in_words(error)) from None
     except OSError as error:
-        raise SampleError("unreadable image", f"{type(error).__name__}: {error}") from None
+        raise SampleError("unreadable image", f"{type(error).__name__}: {in_words(error)}") from None
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except OSError as error:
-        raise SampleError("undecodable image", f"{uri}: {error}") from None
+        raise SampleError("undecodable image", f"{uri}: {in_words(error)}") from None
 
 
 class PreferenceData:

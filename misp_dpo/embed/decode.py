@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from misp_dpo.embed.pairs import PairRows, PairsTable
 from misp_dpo.embed.readers import Corpus, ImageRef
+from misp_dpo.errors import in_words
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -67,12 +68,12 @@ def decode(data: bytes, transform: Transform) -> torch.Tensor:
             image = Image.open(io.BytesIO(data))
             image.load()
             return transform(image.convert("RGB"))
-    except UnidentifiedImageError as error:
-        raise ImageFailure("not an image", str(error)) from None
+    except UnidentifiedImageError:
+        raise ImageFailure("not an image", f"no image format recognised in its {len(data)} bytes") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageFailure("image too large", str(error)) from None
+        raise ImageFailure("image too large", in_words(error)) from None
     except Exception as error:  # noqa: BLE001 - any decoder error is this item's failure, not ours
-        raise ImageFailure("undecodable image", f"{type(error).__name__}: {error}") from None
+        raise ImageFailure("undecodable image", f"{type(error).__name__}: {in_words(error)}") from None
 
 
 def read(ref: ImageRef | None) -> bytes:
@@ -81,9 +82,9 @@ def read(ref: ImageRef | None) -> bytes:
     try:
         return ref.read()
     except FileNotFoundError as error:
-        raise ImageFailure("missing file", str(error)) from None
+        raise ImageFailure("missing file", in_words(error)) from None
     except OSError as error:
-        raise ImageFailure("unreadable file", f"{type(error).__name__}: {error}") from None
+        raise ImageFailure("unreadable file", f"{type(error).__name__}: {in_words(error)}") from None
 
 
 class TaskBatches(IterableDataset):

@@ -113,6 +113,24 @@ def test_bad_inputs_become_failures_with_reasons(tmp_path: Path) -> None:
     assert read_table(manifest.shard_paths("pairs"), ["pair_id"]).column(0).to_pylist() == ["row-000000000"]
 
 
+def test_two_runs_on_the_same_broken_images_write_identical_failure_tables(tmp_path: Path) -> None:
+    """A detail once held `<_io.BytesIO object at 0x7f...>`, different on every run."""
+    reasons = write_bad_images(tmp_path / "corpus")
+    write_pngs(tmp_path, ["p0.png"], first_seed=20)
+    pairs = write_pairs(tmp_path / "pairs.parquet", pairs_rows(["p0.png", "corpus/text.jpg"]))
+    tables = []
+    for run in ("a", "b"):
+        run_embed(pairs, tmp_path / run, {"max_failure_rate": 0.9}, corpus=tmp_path / "corpus")
+        tables.append((tmp_path / run / "_failures" / "00000.parquet").read_bytes())
+    assert tables[0] == tables[1]
+    rows = pq.read_table(tmp_path / "a" / "_failures" / "00000.parquet").to_pylist()
+    assert len(rows) == len(reasons) + 1
+    for row in rows:
+        assert " at 0x" not in row["detail"] and row["detail"], row
+    text = next(row for row in rows if row["item"] == str(tmp_path / "corpus" / "text.jpg"))
+    assert text["detail"] == "no image format recognised in its 21 bytes"
+
+
 def test_changed_config_is_refused_in_one_line(small_pairs: Path, tmp_path: Path) -> None:
     run_embed(small_pairs, tmp_path / "emb")
     with pytest.raises(UserError) as error:
