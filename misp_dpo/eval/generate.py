@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -50,7 +50,7 @@ def generate_answers(
         if isinstance(v, torch.Tensor)
     }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(
+    output = cast(Any, model).generate(  # a transformers GenerationMixin
         **tensors,
         do_sample=False,
         num_beams=1,

@@ -134,9 +134,9 @@ def _probes_of(
                 f"{where}: category {splits[i]!r} is not random, popular or adversarial; fix the category "
                 "column or name the split as FILE:SPLIT"
             )
-    ids = _strings(batch, id_column) if id_column else [None] * n
+    given = _strings(batch, id_column) if id_column else [None] * n
     ids = [
-        value if value is not None else f"{table.path.name}:{first_row + i}" for i, value in enumerate(ids)
+        value if value is not None else f"{table.path.name}:{first_row + i}" for i, value in enumerate(given)
     ]
     attributes = _strings(batch, "attribute") if "attribute" in batch.schema.names else [None] * n
     return pa.table(
@@ -144,7 +144,7 @@ def _probes_of(
             "id": ids,
             "split": splits,
             "question": questions,
-            "label": [label.strip().lower() for label in labels],
+            "label": [(label or "").strip().lower() for label in labels],
             "attribute": attributes,
             "uri": locate_images(
                 batch.column(batch.schema.get_field_index("image")), table, first_row, image_root
