@@ -50,6 +50,7 @@ def test_pair_spread_and_flags_by_hand() -> None:
     assert flags.of(0.97) == "near-duplicate" and flags.of(0.05) == "easy" and flags.of(0.5) is None
 
 
+@pytest.mark.slow
 def test_dashboard_without_attributes(synth_corpus: Path, tmp_path: Path) -> None:
     uris = corpus_uris(synth_corpus)
     inputs = build_inputs(tmp_path / "in", pairs=24, images=len(uris), uris=uris)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from misp_dpo.errors import UserError
@@ -15,10 +17,9 @@ from misp_dpo.pipelines.stages.publish import PublishConfig, PublishStage
 from tests.helpers import write_prewritten
 from tests.publish.fixtures import negatives_table
 
-# Any absolute path: a POSIX root folder, a file URI, a Windows drive.
-ABSOLUTE = re.compile(
-    rb"(?<![\w.:/])/(?:home|tmp|work|root|usr|var|mnt|opt|srv|data|Users)\b|file:/|[A-Za-z]:\\"
-)
+# Any absolute path: a POSIX root folder or a file URI anywhere; a Windows drive in text files.
+ABSOLUTE = re.compile(rb"(?<![\w.:/])/(?:home|tmp|work|root|usr|var|mnt|opt|srv|data|Users)\b|file:/")
+WINDOWS = re.compile(rb"\b[A-Za-z]:\\{1,2}[A-Za-z]")
 MINE_META = {
     "strategy": "misp",
     "negatives": 3,
@@ -37,9 +38,21 @@ def negatives_folder(root: Path) -> Path:
 
 
 def assert_portable(folder: Path) -> None:
+    """No absolute path in any file's bytes, nor in any decoded Parquet value or schema metadata
+    (Parquet pages are compressed, so their bytes alone would hide one)."""
     for path in folder.rglob("*"):
-        if path.is_file():
-            found = ABSOLUTE.search(path.read_bytes())
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        found = ABSOLUTE.search(data) or (WINDOWS.search(data) if path.suffix in (".md", ".json") else None)
+        assert found is None, f"{path.relative_to(folder)} holds {found.group(0)!r}"
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            text = json.dumps(table.to_pylist(), default=lambda b: "").encode()
+            text += json.dumps(
+                {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            ).encode()
+            found = ABSOLUTE.search(text) or WINDOWS.search(text)
             assert found is None, f"{path.relative_to(folder)} holds {found.group(0)!r}"
 
 
