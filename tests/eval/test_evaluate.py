@@ -119,3 +119,22 @@ def test_pairs_table_without_negatives_column(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "image": "x.png"}])
     with pytest.raises(UserError, match=r"p.jsonl: no column 'negatives'; a held-out preference table needs"):
         load_preference_pairs(path)
+
+
+@pytest.mark.slow
+def test_another_architecture_qwen2_vl(tmp_path: Path) -> None:
+    """Generation and preference accuracy through a local Qwen2-VL folder (its own image tensors and
+    multimodal positions): batched answers equal one-at-a-time answers there too."""
+    from tests.dpo.tiny_qwen import save_tiny_qwen2_vl
+
+    folder = save_tiny_qwen2_vl(tmp_path / "qwen")
+    probes = load_probes([str(write_ours(tmp_path / "data", "jsonl"))])
+    result = evaluate(
+        probes, load_preference_pairs(write_heldout(tmp_path / "held")), str(folder), None, CPU, False
+    )
+    assert result.metrics["models"]["base"]["preference"]["n_negatives"] == 8
+    batched = result.answers.column("answer").to_pylist()
+    assert all(isinstance(a, str) for a in batched)
+    one = EvalConfig(device="cpu", batch_size=1, max_new_tokens=4)
+    single = evaluate(probes, None, str(folder), None, one, False).answers.column("answer").to_pylist()
+    assert batched == single
