@@ -34,9 +34,22 @@ def shard_name(prefix: str, index: int, suffix: str = "parquet") -> str:
     return f"{prefix}-{numbered(index, suffix)}"
 
 
+TEMP_MARK = ".tmp-"
+
+
 def temp_path(path: Path) -> Path:
     """A sibling name unique to this process, so two workers never share a temporary file."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Temporary files under `folder` (`.NAME.tmp-PID`): what killed writers left behind."""
+    return sorted(p for p in folder.rglob(f".*{TEMP_MARK}*") if p.is_file())
+
+
+def temp_target(tmp: Path) -> Path:
+    """The file a temporary file was to become (`.NAME.tmp-PID` -> `NAME`)."""
+    return tmp.with_name(tmp.name[1:].rsplit(TEMP_MARK, 1)[0])
 
 
 def _commit(tmp: Path, path: Path) -> None:

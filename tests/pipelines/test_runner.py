@@ -57,6 +57,26 @@ def test_crash_then_resume_is_byte_identical(tmp_path: Path, monkeypatch: pytest
     assert digest(cfg.out) == digest(reference)
 
 
+def test_a_resumed_task_removes_only_its_own_temporary_files(tmp_path: Path) -> None:
+    """After `kill -9`, `.squares-00001.parquet.tmp-5820` stayed; by name, not by process id."""
+    cfg = ToyConfig(out=tmp_path / "toy", n=70, tasks=3)
+    run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
+    (cfg.out / "_stats" / "00001.json").unlink()  # task 1 was killed before its marker
+    (cfg.out / "manifest.json").unlink()
+    killed = [cfg.out / ".squares-00001.parquet.tmp-5820", cfg.out / "_failures" / ".00001.parquet.tmp-5820"]
+    others = [cfg.out / ".squares-00000.parquet.tmp-4242", cfg.out / "_stats" / ".00002.json.tmp-1"]
+    for path in killed + others:
+        path.write_bytes(b"half a file")
+    run_stage(ToyStage(), cfg, RunOptions(max_failure_rate=0.5))
+    assert [p.exists() for p in killed + others] == [False, False, True, True]
+    problems, summary = validate_output(cfg.out)
+    assert [p.split(":")[0] for p in problems] == [str(p) for p in sorted(others)]
+    assert all("stray temporary file" in p for p in problems) and "2 problem(s)" in summary
+    for path in others:
+        path.unlink()
+    assert validate_output(cfg.out)[0] == []
+
+
 def test_changed_config_is_refused_then_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     run_stage(ToyStage(), ToyConfig(out=out, n=20), RunOptions(max_failure_rate=0.5))

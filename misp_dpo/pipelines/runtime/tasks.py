@@ -6,6 +6,7 @@ it lives below them and below the runner: runner -> executors -> ray_executor ->
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,16 @@ import pyarrow as pa
 from misp_dpo.config import option
 from misp_dpo.log import log_event
 from misp_dpo.pipelines import schemas
-from misp_dpo.pipelines.io import numbered, read_json, write_json, write_table
+from misp_dpo.pipelines.io import (
+    SHARD_DIGITS,
+    numbered,
+    read_json,
+    temp_files,
+    temp_target,
+    write_json,
+    write_table,
+)
+from misp_dpo.pipelines.manifest import MANIFEST
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 RUN_FILE = "_run.json"
@@ -60,11 +70,32 @@ def task_done(out: Path, task: int, expected_hash: str) -> bool:
     return path.is_file() and read_json(path).get("config_hash") == expected_hash
 
 
+def remove_task_temps(out: Path, task: int, num_tasks: int) -> list[Path]:
+    """Delete what a killed earlier attempt of this task was writing, and return it.
+
+    A task owns its shards by name: `PREFIX-NNNNN.SUFFIX`, `_stats/NNNNN.json`, `_failures/NNNNN.parquet`
+    with NNNNN its index (every file but the runner's own when the stage has one task). The process id
+    in a temporary name never decides: on a shared file system another host's live task may own it.
+    """
+    own = re.compile(rf"(?:.+-)?{task:0{SHARD_DIGITS}d}\.\w+")
+    removed = []
+    for tmp in temp_files(out):
+        name = temp_target(tmp).name
+        single = num_tasks == 1 and not (tmp.parent == out and name in (RUN_FILE, MANIFEST))
+        if single or own.fullmatch(name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def run_one_task(stage: Stage[C], cfg: C, plan: Plan, chash: str, task: int) -> dict[str, Any]:
     """Run one task unless its completion marker exists; the marker is written last, atomically."""
     out = cfg.out
     if task_done(out, task, chash):
         return read_json(stats_path(out, task))
+    removed = remove_task_temps(out, task, plan.num_tasks)
+    if removed:
+        log_event("removed temporary files of an interrupted attempt", task=task, files=len(removed))
     started = time.perf_counter()
     ctx = TaskContext(out, task, plan.num_tasks)
     stage.run_task(cfg, plan, ctx)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from misp_dpo.pipelines.io import sha256_file
+from misp_dpo.pipelines.io import sha256_file, temp_files
 from misp_dpo.pipelines.manifest import read_manifest
 from misp_dpo.pipelines.runtime.tasks import task_done
 from misp_dpo.pipelines.schemas import schema_id
@@ -43,6 +43,10 @@ def validate_output(folder: Path) -> tuple[list[str], str]:
     for path in sorted(folder.glob("*.parquet")):
         if path.name not in listed:
             problems.append(f"{path}: data shard not listed in the manifest")
+    for path in temp_files(folder):
+        problems.append(
+            f"{path}: stray temporary file of an interrupted write (not part of the output); delete it"
+        )
     missing = [t for t in range(manifest.num_tasks) if not task_done(folder, t, manifest.config_hash)]
     if missing:
         problems.append(f"{folder}: tasks {missing[:5]} have no stats file for this config")
