@@ -97,3 +97,19 @@ def test_bad_probe_table_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         main(["eval", "--model", "tiny", "--out", str(tmp_path / "e2")])
     assert exit_info.value.code == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_a_counted_failure(tmp_path: Path) -> None:
+    probes = write_ours(tmp_path / "data", "jsonl")
+    (tmp_path / "data" / "images" / "COCO_val2014_000000000001.png").unlink()
+    out = tmp_path / "eval"
+    args = ["eval", "--model", "tiny", "--probes", str(probes), "--out", str(out), "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--log-format", "json", "--device", "cpu", "--max-failure-rate", "0.2"])
+    assert exit_info.value.code == 0
+    failures = pq.read_table(out / "_failures" / "00000.parquet").to_pylist()
+    assert [(f["item"], f["reason"]) for f in failures] == [("base probe q1", "missing image file")]
+    pope = json.loads((out / "metrics.json").read_text())["models"]["base"]["pope"]
+    assert pope["random"]["n"] == 1 and pope["random"]["failures"] == 1
+    answers = pq.read_table(out / "answers-00000.parquet").to_pylist()
+    assert answers[1]["answer"] is None and answers[1]["error"].startswith("missing image file")
