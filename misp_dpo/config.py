@@ -21,8 +21,15 @@ T = TypeVar("T")
 _MISSING: Any = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, argument: bool = False, hashed: bool = True) -> Any:
-    """A documented config field. `argument=True` makes it positional on the command line."""
+def option(
+    default: Any = _MISSING, help: str = "", *, argument: bool = False, hashed: bool | str = True
+) -> Any:
+    """A documented config field. `argument=True` makes it positional on the command line.
+
+    `hashed`: True, the field counts towards the config hash; False, it does not (output paths);
+    "unless-default", it counts only when set away from its default: a setting added after outputs
+    were made, whose default reproduces them, so those outputs keep their hash and still resume.
+    """
     metadata = {"help": help, "argument": argument, "hashed": hashed}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults: configs are frozen")
@@ -109,7 +116,8 @@ def to_dict(config: Any, hashed_only: bool = False) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out.update(to_dict(value, hashed_only))
             continue
-        if hashed_only and not f.metadata.get("hashed", True):
+        hashed = f.metadata.get("hashed", True)
+        if hashed_only and (not hashed or (hashed == "unless-default" and value == f.default)):
             continue
         out[f.name] = _jsonable(value)
     return out

@@ -75,4 +75,4 @@ def test_example_pipelines_parse_and_accept_flag_spelled_keys() -> None:
         assert [stage.name for stage, _, _ in stages], path
     coco = {stage.name: cfg for stage, cfg, _ in load_pipeline(Path("configs/coco-vitl14.toml"), STAGES)}
     assert coco["embed"].batch_size == 256 and coco["train"].loop.sample_negatives == 2
-    assert coco["mine"].uri_root == coco["train"].image_root == Path("data")
+    assert coco["mine"].settings.uri_root == coco["train"].image_root == Path("data")

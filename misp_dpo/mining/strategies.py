@@ -83,18 +83,28 @@ class SelectionParams:
         "[ours] weight of the similarity to the positive (min-max normalised over the pool) added to "
         "s_i: pulls picks towards harder negatives; 0 is the paper's score (misp)",
     )
+    # (the settings below came after datasets were mined: at their defaults they leave the config
+    # hash of those outputs as it was, so they still resume)
     diversity: Diversity = option(
         "min-cosine",
         "the greedy's diversity bonus: min-cosine, min_j (1 - cos(f_i, f_j)) (the paper); "
         "latent-coverage [ours], the gain in weighted coverage of the SAE latents the picks change",
+        hashed="unless-default",
     )
-    latent_top: int = option(8, "latent-coverage: latents kept per candidate (its strongest changes)")
-    top_m: int = option(48, "topm: M, the size of the most-similar slice the N are drawn from")
-    nearest_count: int = option(1, "nearest-random: k, negatives taken as the k most similar")
+    latent_top: int = option(
+        8, "latent-coverage: latents kept per candidate (its strongest changes)", hashed="unless-default"
+    )
+    top_m: int = option(
+        48, "topm: M, the size of the most-similar slice the N are drawn from", hashed="unless-default"
+    )
+    nearest_count: int = option(
+        1, "nearest-random: k, negatives taken as the k most similar", hashed="unless-default"
+    )
     preset: Literal["none", "paper"] = option(
         "none",
         "paper: the paper's exact selection (misp, w 1,1, beta_div 1, relevance 0, min-cosine diversity; "
         "needs a `paper` SAE); settings that contradict it are refused",
+        hashed="unless-default",
     )
 
     def __post_init__(self) -> None:

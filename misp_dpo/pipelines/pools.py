@@ -9,7 +9,6 @@ Candidate ids become store rows by binary search and embeddings are gathered int
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -17,29 +16,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from misp_dpo.errors import UserError
+from misp_dpo.mining.mine import PoolBatch
 from misp_dpo.pipelines.embeddings import ImageStore
 from misp_dpo.pipelines.io import iter_row_range, vectors_to_numpy
 from misp_dpo.pipelines.manifest import Manifest
 
 PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "image_id", "prompt_embedding", "chosen_embedding"]
-
-
-@dataclass
-class PoolBatch:
-    """P pairs and their pools padded to the widest pool K; padding has mask False and row -1."""
-
-    pairs: pa.Table  # pair_id, prompt, chosen, rejected, image_id of the positive
-    positive: np.ndarray  # (P, D) float32, v(m_p)
-    prompt: np.ndarray  # (P, D) float32, t(x)
-    chosen: np.ndarray  # (P, D) float32, text embedding of the chosen response
-    candidates: np.ndarray  # (P, K, D) float32, v(m_c), zeros where padded
-    mask: np.ndarray  # (P, K) bool
-    rows: np.ndarray  # (P, K) int64 rows in the ImageStore, -1 where padded
-    sim_image: np.ndarray  # (P, K) float32
-    sim_prompt: np.ndarray  # (P, K) float32
-
-    def __len__(self) -> int:
-        return self.pairs.num_rows
 
 
 def _shards(manifest: Manifest, prefix: str) -> tuple[list, list[int]]:

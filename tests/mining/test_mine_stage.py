@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
@@ -29,7 +30,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> MineInputs:
 
 def mine(inputs: MineInputs, out: Path, opts: RunOptions | None = None, **values: Any) -> Any:
     values.setdefault("sae", inputs.sae)
-    cfg = MineConfig(out=out, candidates=inputs.candidates.root, **values)
+    cfg = build_config(MineConfig, {"out": out, "candidates": inputs.candidates.root, **values})
     return run_stage(STAGE, cfg, opts or RunOptions())
 
 
@@ -102,7 +103,7 @@ def test_sharding_and_batching_do_not_change_the_picks(
 def test_crash_then_resume_is_byte_identical(
     inputs: MineInputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from misp_dpo.pipelines.stages import mine as mine_module
+    from misp_dpo.mining import mine as mine_module
 
     reference = tmp_path / "reference"
     mine(inputs, reference, tasks=3, batch_size=3)
@@ -237,20 +238,18 @@ def test_cli_prints_the_clip_refusal_as_one_line(
 
 
 def test_weights_flag_parses_and_bad_values_are_refused() -> None:
-    from misp_dpo.config import build_config
-
     cfg = build_config(MineConfig, {"out": "o", "candidates": "c", "weights": "1,0.5"}, "flags")
-    assert cfg.weights == (1.0, 0.5) and cfg.params().weights == (1.0, 0.5)
+    assert cfg.settings.selection.weights == (1.0, 0.5)
     with pytest.raises(UserError, match="weights: expected numbers separated by commas"):
         build_config(MineConfig, {"out": "o", "candidates": "c", "weights": "1,x"}, "flags")
     with pytest.raises(UserError, match="weights must be two non-negative numbers"):
         build_config(MineConfig, {"out": "o", "candidates": "c", "weights": "1,0.5,2"}, "flags")
     with pytest.raises(UserError, match="tau must be positive"):
         build_config(MineConfig, {"out": "o", "candidates": "c", "tau": 0.0}, "flags")
-    with pytest.raises(UserError, match="relevance must be non-negative"):
+    with pytest.raises(UserError, match="must be non-negative: {'relevance': -1.0}"):
         build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": -1.0}, "flags")
     relevant = build_config(MineConfig, {"out": "o", "candidates": "c", "relevance": 0.5}, "flags")
-    assert relevant.params().relevance == 0.5
+    assert relevant.settings.selection.relevance == 0.5
 
 
 def test_uris_outside_the_uri_root_are_kept_and_counted(inputs: MineInputs, tmp_path: Path) -> None:

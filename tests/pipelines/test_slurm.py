@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from misp_dpo.cli import main
+from misp_dpo.config import build_config
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
 from misp_dpo.pipelines.runtime.slurm import Submission, cluster_max_array_size, plan_jobs, stage_settings
 from misp_dpo.pipelines.runtime.slurm_submit import prepare_submission
@@ -301,8 +302,7 @@ def test_generated_array_scripts_run_as_slurm_would_give_the_local_bytes(
             if size is None:
                 env = {k: v for k, v in env.items() if not k.startswith("SLURM_ARRAY")}
             subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, timeout=120)
-    local = MineConfig(
-        candidates=tmp_path / "cand", out=tmp_path / "local", strategy="random", negatives=2, tasks=3
-    )
+    values = {"candidates": tmp_path / "cand", "out": tmp_path / "local", "strategy": "random"}
+    local = build_config(MineConfig, {**values, "negatives": 2, "tasks": 3})
     assert run_stage(MineStage(), local, RunOptions()) is not None
     assert digest(tmp_path / "slurm") == digest(tmp_path / "local")
