@@ -200,6 +200,12 @@ def resolve_device(device: Device) -> str:
     return device
 
 
+def compute_identity(device: str) -> str:
+    """How `ClipEncoder` computes on a resolved device (autocast dtype included): embeddings differ
+    in their last bits across these, so a run must not mix them."""
+    return "cuda bfloat16-autocast" if device == "cuda" else f"{device} float32"
+
+
 class ClipEncoder:
     """A loaded model and its tokenizer: L2-normalised float32 embeddings of pixels and tokens.
 

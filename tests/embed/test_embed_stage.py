@@ -9,13 +9,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import misp_dpo.pipelines.stages.embed as embed_stage
 from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings
 from misp_dpo.pipelines.io import read_table, vectors_to_numpy
 from misp_dpo.pipelines.runtime.validate import validate_output
+from misp_dpo.pipelines.stage import TaskContext
 from tests.embed.images import pairs_rows, png, write_bad_images, write_pairs, write_pngs, write_tar
-from tests.embed.runs import output_files, run_embed
+from tests.embed.runs import TINY, output_files, run_embed
 
 
 @pytest.fixture
@@ -138,6 +140,25 @@ def test_changed_config_is_refused_in_one_line(small_pairs: Path, tmp_path: Path
     assert "--overwrite" in str(error.value) and "seed: 0 -> 1" in str(error.value)
     assert "\n" not in str(error.value)
     assert run_embed(small_pairs, tmp_path / "emb", {"overwrite": True}, seed=1) is not None
+
+
+def test_settings_that_change_the_bytes_are_refused_on_resume(
+    small_pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch size, device and autocast dtype can change embeddings' last bits: a resume may not mix them."""
+    run_embed(small_pairs, tmp_path / "emb")
+    with pytest.raises(UserError, match=r"batch_size: 16 -> 7.*--overwrite"):
+        run_embed(small_pairs, tmp_path / "emb", batch_size=7)
+    monkeypatch.setattr(embed_stage, "compute_identity", lambda device: "cuda bfloat16-autocast")
+    with pytest.raises(UserError, match=r"another config or inputs"):
+        run_embed(small_pairs, tmp_path / "emb")
+    cfg = embed_stage.EmbedConfig(pairs=small_pairs, out=tmp_path / "mixed", model=TINY, num_workers=0)
+    planned = embed_stage.EmbedStage().plan(cfg)  # as a driver with a GPU would plan it
+    monkeypatch.undo()
+    with pytest.raises(
+        UserError, match=r"--device auto: task 0 computes in cpu float32, the run was planned in cuda"
+    ):
+        embed_stage.EmbedStage().run_task(cfg, planned, TaskContext(cfg.out, 0, 1))
 
 
 def test_slurm_array_tasks_together_equal_one_local_run(

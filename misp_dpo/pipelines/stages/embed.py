@@ -19,9 +19,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from misp_dpo.config import option
-from misp_dpo.embed.clip import Device, ModelDescription, describe_model, fetch_weights, resolve_device
+from misp_dpo.embed.clip import (
+    Device,
+    ModelDescription,
+    compute_identity,
+    describe_model,
+    fetch_weights,
+    resolve_device,
+)
 from misp_dpo.embed.pairs import PairColumns, PairsTable, open_pairs
 from misp_dpo.embed.readers import Corpus, FolderCorpus, TableCorpus, TarCorpus, open_corpus
+from misp_dpo.errors import UserError
 from misp_dpo.log import progress
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import EMBED_STAGE, ClipModelInfo
@@ -44,7 +52,8 @@ class EmbedConfig(ShardedConfig):
     out: Path = option(help="output folder for images-NNNNN.parquet and pairs-NNNNN.parquet", hashed=False)
     model: str = option(help="open_clip model name (with --pretrained), misp-tiny-clip, or local-dir:PATH")
     pretrained: str = option("", "open_clip pretrained tag or weights file (default none: random weights)")
-    batch_size: int = option(128, "images (and pairs) encoded per forward pass", hashed=False)
+    # hashed: a forward pass's kernels depend on the batch, and so the embeddings' last bits
+    batch_size: int = option(128, "images (and pairs) encoded per forward pass")
     device: Device = option(
         "auto", "auto: CUDA with bf16 autocast when present, else CPU float32", hashed=False
     )
@@ -144,7 +153,7 @@ class EmbedStage(Stage[EmbedConfig]):
 
     def plan(self, cfg: EmbedConfig) -> Plan:
         model = describe_model(cfg.model, cfg.pretrained)
-        resolve_device(cfg.device)
+        compute = compute_identity(resolve_device(cfg.device))
         pairs = open_pairs(cfg.pairs, cfg.columns())
         corpus = open_corpus(str(cfg.corpus), cfg.corpus_image_column) if cfg.corpus is not None else None
         fetch_weights(model)
@@ -160,6 +169,7 @@ class EmbedStage(Stage[EmbedConfig]):
             "pairs": f"{pairs.table.path}:{sha256_file(pairs.table.path)}",
             "corpus": _corpus_fingerprint(corpus),
             "model": model.fingerprint,
+            "compute": compute,  # device and autocast dtype change the bytes: part of the config hash
         }
         return Plan(num_tasks=cfg.tasks, inputs=inputs, meta=meta, work=EmbedWork(model, pairs, corpus))
 
@@ -170,6 +180,11 @@ class EmbedStage(Stage[EmbedConfig]):
 
         work: EmbedWork = plan.work
         device = resolve_device(cfg.device)
+        if compute_identity(device) != plan.inputs["compute"]:
+            raise UserError(
+                f"--device {cfg.device}: task {ctx.task} computes in {compute_identity(device)}, the run was "
+                f"planned in {plan.inputs['compute']}; pass --device cpu or cuda so every task computes alike"
+            )
         encoder = ClipEncoder(work.model, device, cfg.seed)
         pair_range = task_rows(work.pairs.num_rows, ctx.task, ctx.num_tasks)
         corpus_items = work.corpus.num_items if work.corpus is not None else 0
