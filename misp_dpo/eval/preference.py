@@ -30,19 +30,25 @@ from misp_dpo.errors import UserError
 from misp_dpo.eval.probes import READ_BATCH, locate_images
 
 FLAG = "--pairs"
+HELDOUT_STEM = "heldout_pairs"  # what `synth` names its held-out preference table
 POSITIVE = "positive"
 IMAGE_REF = pa.struct([("image_id", pa.string()), ("uri", pa.string())])
 NEGATIVE_REF = pa.struct([("image_id", pa.string()), ("uri", pa.string()), ("proposal", pa.float64())])
 
 
 def find_pairs_table(path: Path) -> Path:
-    """`path` itself, or the one table inside the folder `path`."""
+    """`path` itself, or inside the folder `path` its `heldout_pairs` table (the demo corpus's) or
+    its only table."""
     if not path.is_dir():
         return path
     tables = sorted(p for p in path.iterdir() if p.suffix.lower() in TABLE_FORMATS)
+    named = [p for p in tables if p.stem == HELDOUT_STEM]
+    if len(named) == 1:
+        return named[0]
     if len(tables) != 1:
         raise UserError(
-            f"{FLAG} {path}: a folder must hold exactly one table, found {len(tables)}; name the file"
+            f"{FLAG} {path}: a folder must hold {HELDOUT_STEM}.parquet or exactly one table, found "
+            f"{len(tables)}; name the file"
         )
     return tables[0]
 
