@@ -127,6 +127,8 @@ class SelectionParams:
                 f"tau must be positive and top_m, latent_top at least 1; got {self.tau}, {self.top_m}, "
                 f"{self.latent_top}"
             )
+        if self.strategy == "topm" and self.top_m < self.negatives:
+            raise ValueError(f"top_m ({self.top_m}) must be at least negatives ({self.negatives})")
         for name, users in USED_BY.items():
             if self.strategy not in users and getattr(self, name) != _DEFAULTS[name]:
                 flag = "--" + name.replace("_", "-")

@@ -139,6 +139,7 @@ def test_nearest_random_ends_are_random_and_nearest() -> None:
         ({"strategy": "nearest", "top_m": 8}, "--top-m 8 is only used by --strategy topm"),
         ({"strategy": "misp", "nearest_count": 2}, "--nearest-count 2 is only used by --strategy nearest-"),
         ({"weights": "0,0"}, "not both 0 unless --relevance > 0"),
+        ({"strategy": "topm", "top_m": 2}, "top_m (2) must be at least negatives (3)"),
         ({"preset": "paper", "relevance": 1.0}, "--preset paper sets --relevance 0.0; drop --relevance 1.0"),
         ({"preset": "paper", "strategy": "maxmin"}, "--preset paper sets --strategy misp"),
     ],
