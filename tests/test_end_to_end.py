@@ -71,6 +71,7 @@ def _run(args: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 481 s on a loaded 2-core machine, above the default 300 s
 def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pipeline = tmp_path / "pipeline.toml"
     pipeline.write_text(PIPELINE)

@@ -23,7 +23,8 @@ from tests.pipelines.ray_helpers import local_ray, wait_until_idle
 from tests.pipelines.test_runner import digest
 from tests.pipelines.toy_stage import ToyStage, crashed_local_run
 
-pytestmark = pytest.mark.timeout(180)
+# a local Ray cluster takes 13-15 s to start: the whole module is slow
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 RAY = RunOptions(executor="ray", ray_cpus=0.5, workers=2, max_failure_rate=0.5)
 
 

@@ -12,7 +12,8 @@ from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
 from tests.pipelines.probe_stage import CpuProbeStage, ProbeConfig, ProbeStage, probe_rows
 from tests.pipelines.ray_helpers import local_ray, wait_until_idle
 
-pytestmark = pytest.mark.timeout(180)
+# a local Ray cluster takes 13-15 s to start: the whole module is slow
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

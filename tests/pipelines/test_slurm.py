@@ -274,6 +274,7 @@ def test_bad_submissions_fail_in_one_line(
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_generated_array_scripts_run_as_slurm_would_give_the_local_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,6 +50,7 @@ def test_stage_writes_a_loadable_sae(tmp_path: Path, variant: str) -> None:
     assert codes.codes.shape == (40, 9, 16) and (codes.recon_error[mask] > 0).all()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_outputs(tmp_path: Path) -> None:
     _, candidates = write_inputs(tmp_path)
     train(candidates.root, tmp_path / "a", latents=16)

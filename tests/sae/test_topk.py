@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from misp_dpo.sae.data import VectorChunk, in_memory
@@ -102,6 +103,7 @@ def planted(n: int, dim: int = 128, features: int = 512, seed: int = 0) -> tuple
     return x + 0.01 * rng.standard_normal(x.shape).astype(np.float32), directions
 
 
+@pytest.mark.slow
 def test_planted_features_are_recovered() -> None:
     """Acceptance b. Measured: mean best cosine 0.997-0.998, held-out FVU 0.092-0.093 over 4 data seeds
     (a matched-filter TopK with the true directions gets 0.26; more steps plateau near 0.09)."""
