@@ -37,8 +37,9 @@ class EvalStageConfig(StageConfig):
     )
     probes: tuple[str, ...] = option(
         (),
-        "POPE probe tables, FILE or FILE:SPLIT (random|popular|adversarial), comma-separated: ours, "
-        "the public coco_pope_{split}.json files, or the merged file with a category column",
+        "POPE probe tables, FILE or FILE:SPLIT (random|popular|adversarial), repeatable or "
+        "comma-separated: ours, the public coco_pope_{split}.json files, or the merged file with a "
+        "category column",
         hashed=False,
     )
     image_root: Path | None = option(
@@ -46,7 +47,7 @@ class EvalStageConfig(StageConfig):
     )
     pairs: Path | None = option(
         None,
-        "held-out preference table (prompt, chosen, [rejected], image, negatives) or its folder",
+        "held-out preference table (prompt, chosen, optional rejected, image, negatives) or its folder",
         hashed=False,
     )
     eval_options: EvalConfig = option(EvalConfig(), "generation and scoring")
