@@ -60,6 +60,7 @@ class CardFacts:
     license: str = "other"
     features: dict[str, Any] | None = None  # `datasets` features (the `_type` form) of the rows
     layout: str = "one row per pair; images located by `uri` (resolve them against the image root)"
+    fields_table: bool = True  # rows carry the negatives' fields (mine, hf); False: see `layout`
     extra: list[str] = field(default_factory=list)  # more Markdown sections
 
 
@@ -199,7 +200,9 @@ def card_text(facts: CardFacts) -> str:
         _score_formula(config, strategy),
         "The method is described in full in misp-dpo's docs/method.md.\n",
         "## Fields\n",
-        FIELDS_TEXT.format(image="an embedded image" if facts.features else "`{image_id, uri}`"),
+        FIELDS_TEXT.format(image="an embedded image" if facts.features else "`{image_id, uri}`")
+        if facts.fields_table
+        else f"{facts.layout}.\n",
         "`image_id` is the sha1 of the image bytes.\n",
         "## Loading\n",
         loading,

@@ -75,6 +75,7 @@ def hub_card(
         license=license,
         features=features,
         layout=LAYOUT[fmt],
+        fields_table=fmt == "hf",
     )
     return HubCard(card_text(facts), images)
 
