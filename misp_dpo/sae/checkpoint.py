@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from misp_dpo.errors import UserError
+from misp_dpo.sae.config import Variant
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 FORMAT = "misp_dpo.sae/1"
-Variant = Literal["paper", "topk"]
 INPUT_KIND = {"paper": "fused_difference", "topk": "image_embedding"}
 
 

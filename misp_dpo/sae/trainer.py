@@ -21,29 +21,19 @@ import numpy as np
 import torch
 
 from misp_dpo.log import log_event, progress
-from misp_dpo.sae.checkpoint import SaeSpec, Variant
+from misp_dpo.sae.checkpoint import SaeSpec
+from misp_dpo.sae.config import SaeSettings
 from misp_dpo.sae.data import Dataset, chunk_ranges, concat, sequential, train_stream
 from misp_dpo.sae.metrics import HeldOut
 from misp_dpo.sae.stats import InputStats, input_stats
 from misp_dpo.sae.steps import PaperSteps, TopKSteps, paper_evaluate, topk_evaluate
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """What training needs; 0 means "the variant's default" where noted (see `resolve`)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(SaeSettings):
+    """The SAE's settings plus what one run decides; 0 means "the default" where noted (`resolve`)."""
 
-    variant: Variant = "paper"
-    latents: int = 0  # 0: 128 (paper), 8·D (topk)
-    k: int = 32  # topk
-    rho: float = 0.05  # paper
-    gamma: float = 1.0  # paper
-    aux_k: int = 0  # topk, 0: D // 2
-    aux_coef: float = 1 / 32  # topk
     dead_after: int = 0  # topk, samples without firing; 0: min(10M, training images)
-    lr: float = 0.0  # 0: 2e-4/sqrt(latents/2^14) (topk), PAPER_LR_TIMES_D / D (paper)
-    batch_size: int = 0  # samples per step; 0: samples/32 within [128, 4096], 16384 on a GPU
-    steps: int = 0  # 0: from epochs
-    epochs: float = 10.0
     seed: int = 0
     device: str = "cpu"
     preload_bytes: int = -1  # -1: half the free GPU memory, or a quarter of the free RAM

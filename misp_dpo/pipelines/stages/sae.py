@@ -26,6 +26,7 @@ from misp_dpo.pipelines.io import atomic_path, iter_batches, write_json
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import iter_pools
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
+from misp_dpo.sae.config import SaeSettings
 
 CHECKPOINT = "_checkpoint.pt"
 CHECKPOINT_SECONDS = 300.0
@@ -40,25 +41,7 @@ class SaeConfig(StageConfig):
     out: Path = option(
         help="output folder for sae.safetensors, cfg.json, metrics.json, curves.png", hashed=False
     )
-    variant: Literal["paper", "topk"] = option(
-        "paper",
-        "paper: sigmoid SAE on fused differences vec((v(m_p) - v(m_c)) t(x)^T) with KL sparsity; "
-        "topk: TopK SAE on image embeddings",
-    )
-    latents: int = option(0, "dictionary size; 0: 128 (paper) or 8 x the embedding dimension (topk)")
-    k: int = option(32, "topk: active latents per sample")
-    rho: float = option(0.05, "paper: target mean activation of each latent (the KL sparsity target)")
-    gamma: float = option(1.0, "paper: weight of the KL sparsity term")
-    aux_k: int = option(0, "topk: dead latents used by the AuxK loss; 0: half the embedding dimension")
-    aux_coef: float = option(1 / 32, "topk: weight of the AuxK loss (0 turns it off)")
-    steps: int = option(0, "optimisation steps; 0: as many as --epochs takes")
-    epochs: float = option(10.0, "passes over the training samples (used when --steps is 0)")
-    batch_size: int = option(
-        0,
-        "samples per step (paper: (pair, candidate) differences, whole pools); "
-        "0: 1/32 of the training samples, at least 128, at most 4096 (16384 on a GPU)",
-    )
-    lr: float = option(0.0, "Adam learning rate; 0: 2e-4/sqrt(latents/2^14) (topk) or 0.016/D (paper)")
+    settings: SaeSettings = option(SaeSettings(), "the SAE and its training")
     heldout: float = option(
         0.1, "share of pairs (paper) or images (topk) held out for the metrics, by id hash"
     )
@@ -71,29 +54,8 @@ class SaeConfig(StageConfig):
     )
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.latents >= 0, f"latents must be >= 0, got {self.latents}"),
-            (self.k >= 1, f"k must be >= 1, got {self.k}"),
-            (
-                not self.latents or self.k <= self.latents or self.variant == "paper",
-                f"k ({self.k}) must not exceed latents ({self.latents})",
-            ),
-            (0 < self.rho < 1, f"rho must be in (0, 1), got {self.rho}"),
-            (
-                self.gamma >= 0 and self.aux_coef >= 0,
-                f"gamma ({self.gamma}) and aux_coef ({self.aux_coef}) must be >= 0",
-            ),
-            (self.aux_k >= 0, f"aux_k must be >= 0, got {self.aux_k}"),
-            (
-                self.steps >= 0 and self.batch_size >= 0 and self.lr >= 0,
-                f"steps ({self.steps}), batch_size ({self.batch_size}) and lr ({self.lr}) must be >= 0",
-            ),
-            (self.steps > 0 or self.epochs > 0, f"epochs must be > 0 when steps is 0, got {self.epochs}"),
-            (0 <= self.heldout < 1, f"heldout must be in [0, 1), got {self.heldout}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if not 0 <= self.heldout < 1:
+            raise ValueError(f"heldout must be in [0, 1), got {self.heldout}")
 
 
 @dataclass(frozen=True)
@@ -119,13 +81,14 @@ class SaeStage(Stage[SaeConfig]):
         _check_dimensions(embeddings, clip.dim)
         if candidates.rows("candidates") == 0:
             raise UserError(f"--candidates {cfg.candidates}: holds no pairs; nothing to train on")
-        latents = cfg.latents or (128 if cfg.variant == "paper" else 8 * clip.dim)
-        if cfg.variant == "topk" and cfg.k > latents:
-            raise UserError(f"--k {cfg.k} exceeds --latents {latents}; choose k <= latents (default 32)")
+        latents = cfg.settings.latents or (128 if cfg.settings.variant == "paper" else 8 * clip.dim)
+        if cfg.settings.variant == "topk" and cfg.settings.k > latents:
+            k = cfg.settings.k
+            raise UserError(f"--k {k} exceeds --latents {latents}; choose k <= latents (default 32)")
         inputs = {"candidates": manifest_hash(candidates.root), "embeddings": manifest_hash(embeddings.root)}
         meta = {
             "clip": clip.as_meta(),
-            "variant": cfg.variant,
+            "variant": cfg.settings.variant,
             "latents": latents,
             "embeddings_dir": str(embeddings.root.resolve()),
             "candidates_dir": str(candidates.root.resolve()),
@@ -146,15 +109,15 @@ class SaeStage(Stage[SaeConfig]):
         _check_finite(store, embeddings)
         dataset = (
             _paper_dataset(cfg, candidates, embeddings, store)
-            if cfg.variant == "paper"
+            if cfg.settings.variant == "paper"
             else _topk_dataset(cfg, store)
         )
         settings = TrainSettings(
-            variant=cfg.variant, latents=cfg.latents, k=cfg.k, rho=cfg.rho, gamma=cfg.gamma, aux_k=cfg.aux_k,
-            aux_coef=cfg.aux_coef, lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.steps, epochs=cfg.epochs,
-            seed=cfg.seed, device=resolve_device(cfg.device),
+            **vars(cfg.settings),
+            seed=cfg.seed,
+            device=resolve_device(cfg.device),
             preload_bytes=-1 if cfg.preload_gb < 0 else int(cfg.preload_gb * 2**30),
-        )  # fmt: skip
+        )
         checkpoint = ctx.out / CHECKPOINT
         try:
             result = train_sae(dataset, settings, _FileCheckpointer(checkpoint))
@@ -165,7 +128,7 @@ class SaeStage(Stage[SaeConfig]):
         _write_outputs(ctx, cfg, plan, result)
         checkpoint.unlink(missing_ok=True)
         ctx.count("samples", result.stats.samples)
-        ctx.count("pairs" if cfg.variant == "paper" else "images", result.stats.items)
+        ctx.count("pairs" if cfg.settings.variant == "paper" else "images", result.stats.items)
         ctx.count("heldout_samples", result.metrics.get("heldout_samples", 0))
         ctx.count("steps", result.settings.steps)
 
@@ -292,13 +255,13 @@ def _write_outputs(ctx: TaskContext, cfg: SaeConfig, plan: Plan, result: Any) ->
     with atomic_path(ctx.output_file(CONFIG)) as tmp:
         write_config(result.spec, extra, tmp)
     metrics = {
-        "variant": cfg.variant,
+        "variant": cfg.settings.variant,
         **result.metrics,
         "final_train": {k: v[-1] for k, v in result.history.items()},
     }
     write_json(metrics, ctx.output_file("metrics.json"))
     with atomic_path(ctx.output_file("curves.png")) as tmp:
-        plot_curves(result.history, result.metrics, cfg.variant, tmp)
+        plot_curves(result.history, result.metrics, cfg.settings.variant, tmp)
     summary = (
         "fvu",
         "cosine",
@@ -310,7 +273,7 @@ def _write_outputs(ctx: TaskContext, cfg: SaeConfig, plan: Plan, result: Any) ->
     )
     log_event(
         "sae held-out metrics",
-        variant=cfg.variant,
+        variant=cfg.settings.variant,
         **{k: round(float(result.metrics[k]), 4) for k in summary if k in result.metrics},
         samples_per_second=round(result.throughput),
     )
