@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -64,14 +65,18 @@ class CardFacts:
     extra: list[str] = field(default_factory=list)  # more Markdown sections
 
 
+# an absolute path at the start of a value or after `scheme:` / `=` (`local-dir:/x/clip`, `file:///x`)
+_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[:=]))(?:file://)?/(?!/)[^\s'\"]*")
+
+
 def portable(value: Any) -> Any:
     """`value` with every absolute path replaced by its last component (recursively)."""
     if isinstance(value, dict):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [portable(v) for v in value]
-    if isinstance(value, str) and (value.startswith("/") or value.startswith("file:///")):
-        return PurePath(value.removeprefix("file://")).name or "."
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: PurePath(m.group(0).removeprefix("file://")).name or ".", value)
     return value
 
 
@@ -103,7 +108,7 @@ def yaml_features(features: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, **one(feature)} for name, feature in features.items()]
 
 
-def _score_formula(config: dict[str, Any], strategy: str) -> str:
+def _score_formula(config: dict[str, Any], strategy: str, negatives: Any) -> str:
     w_l, w_v = config.get("weights", (1.0, 1.0))
     relevance, beta, tau = config.get("relevance", 0.0), config.get("beta_div", 1.0), config.get("tau", 1.0)
     lines = [f"Strategy `{strategy}`: {STRATEGY_TEXT.get(strategy, 'see docs/method.md')}", ""]
@@ -129,7 +134,7 @@ def _score_formula(config: dict[str, Any], strategy: str) -> str:
     lines += [
         "",
         f"Greedy pick: S = {{}}; add argmax_i s_i + {beta:g} * gain_i until |S| = "
-        f"{config.get('negatives', '?')}, gain_i = {config.get('diversity', 'min-cosine')} bonus "
+        f"{negatives}, gain_i = {config.get('diversity', 'min-cosine')} bonus "
         "(min-cosine: min_{j in S} (1 - cos(f_i, f_j)), 0 for the first pick).",
         f"Proposal: q_i = softmax over the pool of s_i / {tau:g} (tau).",
     ]
@@ -197,7 +202,7 @@ def card_text(facts: CardFacts) -> str:
         f"(N = {config.get('negatives', meta.get('negatives'))}).\n",
         f"CLIP: `{clip.get('model')}` {clip.get('pretrained') or ''} (D = {clip.get('dim')}). {sae_line}\n",
         "### Score and selection\n",
-        _score_formula(config, strategy),
+        _score_formula(config, strategy, config.get("negatives", meta.get("negatives", "?"))),
         "The method is described in full in misp-dpo's docs/method.md.\n",
         "## Fields\n",
         FIELDS_TEXT.format(image="an embedded image" if facts.features else "`{image_id, uri}`")

@@ -136,3 +136,26 @@ def test_swift_and_trl_rows(tmp_path: Path) -> None:
     assert rows.num_rows == 4 and trl.counts["pairs_without_rejected_text"] == 1
     assert rows.column("prompt")[0].as_py() == [{"role": "user", "content": "What colour is the square 0?"}]
     assert isinstance(pa.table(rows), pa.Table)
+
+
+def test_portable_keeps_only_the_last_component_of_absolute_paths() -> None:
+    from misp_dpo.mining.card import portable
+
+    values = {
+        "clip": "local-dir:/home/me/runs/clip",
+        "dir": "/data/coco/negatives",
+        "uri": "tar://img.png::/data/shard-0.tar",
+        "file": "file:///srv/x/y.png",
+        "url": "https://example.org/a/b",
+        "formula": "w_l l_i/max_pool l",
+        "nested": [{"sae": "/tmp/run/sae"}],
+    }
+    assert portable(values) == {
+        "clip": "local-dir:clip",
+        "dir": "negatives",
+        "uri": "tar://img.png::shard-0.tar",
+        "file": "y.png",
+        "url": "https://example.org/a/b",
+        "formula": "w_l l_i/max_pool l",
+        "nested": [{"sae": "sae"}],
+    }

@@ -18,7 +18,7 @@ from tests.helpers import write_prewritten
 from tests.publish.fixtures import negatives_table
 
 # Any absolute path: a POSIX root folder or a file URI anywhere; a Windows drive in text files.
-ABSOLUTE = re.compile(rb"(?<![\w.:/])/(?:home|tmp|work|root|usr|var|mnt|opt|srv|data|Users)\b|file:/")
+ABSOLUTE = re.compile(rb"(?<![\w.])/(?:home|tmp|work|root|usr|var|mnt|opt|srv|data|Users)\b|file:/")
 WINDOWS = re.compile(rb"\b[A-Za-z]:\\{1,2}[A-Za-z]")
 MINE_META = {
     "strategy": "misp",
