@@ -20,7 +20,7 @@ from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER, log_event
 from misp_dpo.mining.mine import Images, MineSettings, PoolBatch, mine_pools
 from misp_dpo.mining.scores import PoolEncoder
-from misp_dpo.mining.strategies import NEEDS_SAE
+from misp_dpo.mining.strategies import NEEDS_SAE, check_sae_variant
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, upstream_embeddings
 from misp_dpo.pipelines.io import task_rows
@@ -55,7 +55,7 @@ def load_sae_encoder(folder: Path, device: str) -> PoolEncoder:
     """The trained SAE of an `sae` output (imported lazily: torch is only needed with an SAE)."""
     from misp_dpo.sae import load_sae
 
-    return load_sae(folder, device=device)
+    return load_sae(folder, device=device)  # type: ignore[return-value]  # sae's PoolCodes twin of mining's
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,19 @@ class MineStage(Stage[MineConfig]):
         strategy = cfg.settings.selection.strategy
         if strategy in NEEDS_SAE and cfg.sae is None:
             raise UserError(
-                f"--sae: --strategy {strategy} scores candidates with an SAE; pass --sae DIR (the output "
-                "of `misp-dpo sae`), or use --strategy maxmin|nearest|random, which need none"
+                f"--sae: --strategy {strategy} scores candidates with an SAE; pass --sae DIR (the output of "
+                "`misp-dpo sae`), or a --strategy that needs none (maxmin, nearest, random, topm, "
+                "nearest-random)"
             )
         inputs = {"candidates": manifest_hash(candidates.root), "embeddings": manifest_hash(embeddings.root)}
         sae_meta = None
         if cfg.sae is not None:
             sae_meta = self._check_sae(cfg.sae, clip)
             inputs["sae"] = manifest_hash(cfg.sae)
+        try:
+            check_sae_variant(cfg.settings.selection, sae_meta["variant"] if sae_meta else None)
+        except ValueError as error:
+            raise UserError(f"--sae {cfg.sae}: {error}") from None
         meta = {
             "clip": clip.as_meta(),
             "embeddings_dir": str(embeddings.root.resolve()),
