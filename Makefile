@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch torchvision
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,ray]'
 	touch $(STAMP)
 
 # Headless Chromium renders the HTML report in tests (Debian package; skipped where apt is unavailable).
@@ -52,7 +52,7 @@ lint: install
 	$(BIN)/ruff format --check misp_dpo tests bench
 
 bench: install
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,bench]'
 	for script in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do \
 	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
 

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from misp_dpo.optional import require
+
 TINY_PATTERN = re.compile(r"^tiny(?:-(\d+)x(\d+))?$")
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN)
@@ -69,6 +71,7 @@ def _vocabulary() -> list[str]:
 
 def tiny_processor() -> Any:
     """A LlavaProcessor (word-level tokenizer + CLIP image processor) built without any download."""
+    require("train", "the tiny VLM")
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -101,6 +104,8 @@ def tiny_processor() -> Any:
 def tiny_model(size: TinySize, processor: Any, seed: int) -> Any:
     """A LlavaForConditionalGeneration of `size`, initialised from `seed` (fp32, on CPU)."""
     import torch
+
+    require("train", "the tiny VLM")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER
 from misp_dpo.mining.gpu import GpuLayout, to_gpus
+from misp_dpo.optional import import_faiss as _import_faiss
 
 GPU_MAX_K = 2048  # FAISS GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh, GPU_MAX_SELECTION_K)
 TRAIN_PER_LIST = 64  # IVF training vectors per inverted list (FAISS warns below 39)
@@ -28,17 +30,12 @@ NPROBE_SHARE = 1 / 16  # default share of the inverted lists an IVF search visit
 MIN_NPROBE = 16  # ...but at least this many: small corpora have few, poorly separated lists
 ADD_CHUNK = 65_536  # rows converted to float32 at a time while filling an index
 Device = Literal["auto", "cpu", "cuda"]
-_INSTALL_HINT = "pip install 'misp-dpo[cpu]' (faiss-cpu), or 'misp-dpo[gpu]' (faiss-gpu-cu12) on NVIDIA GPUs"
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def import_faiss() -> Any:
+def import_faiss() -> ModuleType:
     """FAISS, imported on first use so that the rest of the package works without it."""
-    try:
-        import faiss
-    except ImportError:
-        raise UserError(f"the candidates stage needs FAISS: {_INSTALL_HINT}") from None
-    return faiss
+    return _import_faiss("the candidates stage")
 
 
 def parse_memory(text: str) -> int:
