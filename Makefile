@@ -50,6 +50,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check misp_dpo tests bench
 	$(BIN)/ruff format --check misp_dpo tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[cpu,train,dev,bench]'
@@ -61,5 +62,5 @@ gpu-check: install
 	$(BIN)/python bench/gpu_check.py
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache build *.egg-info
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +

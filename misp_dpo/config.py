@@ -13,11 +13,14 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 from misp_dpo.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 _MISSING: Any = dataclasses.MISSING
 
 
@@ -46,7 +49,7 @@ def flat_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     leaves: list[tuple[dataclasses.Field[Any], Any]] = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             leaves.extend(flat_fields(kind))
         else:
             leaves.append((f, kind))
@@ -95,7 +98,7 @@ def build_config(cls: type[T], values: dict[str, Any], where: str = "config") ->
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             sub = {k: v for k, v in values.items() if k in {g.name for g, _ in flat_fields(kind)}}
             kwargs[f.name] = build_config(kind, sub, where)
         elif f.name in values:

@@ -81,7 +81,7 @@ def tar_files(shard: str | Path) -> Iterator[tarfile.TarInfo]:
     (tarfile.TarError or OSError when it is not one)."""
     with tarfile.open(shard, "r:") as archive:
         while (info := archive.next()) is not None:
-            archive.members.clear()  # tarfile would keep every header otherwise
+            archive.members.clear()  # type: ignore[attr-defined]  # tarfile would keep every header otherwise
             if info.isfile():
                 yield info
 

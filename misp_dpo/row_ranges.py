@@ -31,7 +31,8 @@ def read_parquet_range(
     """Rows [lo, hi) of one Parquet file, decoding only the row groups that overlap them."""
     parquet = pq.ParquetFile(path)
     metadata = parquet.metadata
-    groups, first_start, position = [], 0, 0
+    groups: list[int] = []
+    first_start, position = 0, 0
     for group in range(metadata.num_row_groups):
         rows = metadata.row_group(group).num_rows
         if position < hi and position + rows > lo:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any
+    root: Path, step: int, trainable: Mapping[str, torch.Tensor], optimizer: Any, scheduler: Any
 ) -> Path:
     final = checkpoint_dir(root, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

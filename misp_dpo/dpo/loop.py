@@ -32,7 +32,15 @@ from misp_dpo.dpo.sequences import SequenceEncoder
 from misp_dpo.dpo.step import StepPlan, draw_for, micro_batch_loss, refit_proposal
 from misp_dpo.log import log_event
 
-METRIC_SUMS = ("loss", "loss_image", "loss_text", "loss_anchor", "accuracy", "margin", "effective_negatives")
+METRIC_SUMS: tuple[str, ...] = (
+    "loss",
+    "loss_image",
+    "loss_text",
+    "loss_anchor",
+    "accuracy",
+    "margin",
+    "effective_negatives",
+)
 METRIC_SUMS += ("chosen_reward",)
 
 
@@ -153,7 +161,7 @@ def maybe_refit(state: TrainState, step: int, batch: np.ndarray) -> None:
     pool = outside if len(outside) else state.rows
     rng = np.random.default_rng([plan.seed, step, 1])
     held_out = rng.choice(pool, size=min(cfg.fit_pairs, len(pool)), replace=False)
-    model = state.model.module if hasattr(state.model, "module") else state.model
+    model: torch.nn.Module = state.model.module if hasattr(state.model, "module") else state.model  # type: ignore[assignment]
     was_training = model.training
     model.eval()
     variance = refit_proposal(
@@ -212,7 +220,7 @@ def backward_step(state: TrainState, step: int) -> dict[str, float]:
         rows = batch[lo : lo + cfg.batch_size]
         draw = draw_for(state.data, rows, state.plan, step, state.fitted)
         last = k == cfg.grad_accum - 1
-        sync = nullcontext() if last or not hasattr(state.model, "no_sync") else state.model.no_sync()
+        sync = nullcontext() if last or not hasattr(state.model, "no_sync") else state.model.no_sync()  # type: ignore[operator]
         with sync:
             terms, stats = micro_batch_loss(
                 state.model,

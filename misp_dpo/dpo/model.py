@@ -15,13 +15,17 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from misp_dpo.config import option
 from misp_dpo.dpo.tiny import parse_tiny, tiny_model, tiny_processor
 from misp_dpo.errors import UserError
+from misp_dpo.optional import require
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +64,7 @@ class Policy:
     @contextlib.contextmanager
     def as_reference(self) -> Iterator[None]:
         """The reference policy: adapters disabled (LoRA) or the untouched weights (before training)."""
-        context = self.model.disable_adapter() if self.lora else contextlib.nullcontext()
+        context = self.model.disable_adapter() if self.lora else contextlib.nullcontext()  # type: ignore[operator]
         with context:
             yield
 
@@ -91,6 +95,7 @@ def check_model_spec(spec: str) -> None:
             return
     except ValueError as error:
         raise UserError(f"--model: {error}") from None
+    require("train", f"--model {spec}")
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
@@ -120,7 +125,7 @@ def _load_base(spec: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any]:
     return model, processor
 
 
-def language_model_linears(model: torch.nn.Module) -> list[str]:
+def language_model_linears(model: PreTrainedModel) -> list[str]:
     """Qualified names of every nn.Linear inside the language model (not the vision tower, not lm_head)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((name for name, module in model.named_modules() if module is decoder and name), None)
@@ -135,7 +140,7 @@ def language_model_linears(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def _freeze(model: torch.nn.Module, train_language_model: bool) -> None:
+def _freeze(model: PreTrainedModel, train_language_model: bool) -> None:
     """Everything frozen, or (full fine-tuning) only the language model and projector trainable."""
     decoder = model.get_decoder()
     for p in model.parameters():
@@ -148,7 +153,7 @@ def _freeze(model: torch.nn.Module, train_language_model: bool) -> None:
                 p.requires_grad_(True)
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
+def _enable_checkpointing(model: PreTrainedModel) -> None:
     """Non-reentrant activation checkpointing (frozen inputs need no require_grads hook then)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -184,6 +189,7 @@ def load_policy(spec: str, cfg: ModelConfig, seed: int, local_rank: int = 0) -> 
     if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda"):
         _enable_checkpointing(model)
     if cfg.lora:
+        require("train", "--lora")
         from peft import LoraConfig, get_peft_model
 
         targets = language_model_linears(model)
@@ -216,9 +222,9 @@ def save_policy(
     rebuilds the base class it records in `auto_mapping`.
     """
     if policy.lora and base is not None:
-        for config in policy.model.peft_config.values():
+        for config in policy.model.peft_config.values():  # type: ignore[operator]
             config.base_model_name_or_path = base
-    policy.model.save_pretrained(folder, safe_serialization=True)
+    policy.model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
     policy.processor.save_pretrained(folder)
     (folder / "README.md").write_text(model_card(base, policy.lora, facts or {}))
 

@@ -43,7 +43,7 @@ DEFENSIVE = 0.1  # share of uniform mixed into the fitted q~
 class Draw(NamedTuple):
     """One step's negatives for B pairs, padded to K columns (index -1, log weight -inf)."""
 
-    index: np.ndarray  # (B, K) int64: position of the negative in the pair's stored list
+    index: np.ndarray  # type: ignore[assignment]  # (B, K) int64: position of the negative in its pair's list
     log_weight: np.ndarray  # (B, K) float64: log w_j
 
 

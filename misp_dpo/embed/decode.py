@@ -87,7 +87,7 @@ def read(ref: ImageRef | None) -> bytes:
         raise ImageFailure("unreadable file", f"{type(error).__name__}: {in_words(error)}") from None
 
 
-class TaskBatches(IterableDataset):
+class TaskBatches(IterableDataset[PreparedBatch]):
     """The batches of one task: pairs rows [lo, hi), then corpus items [lo, hi)."""
 
     def __init__(
@@ -162,7 +162,7 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def loader(dataset: TaskBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+def loader(dataset: TaskBatches, num_workers: int, pin_memory: bool) -> DataLoader[PreparedBatch]:
     """Batches in task order; `num_workers` processes decode ahead (2 batches each)."""
     return DataLoader(
         dataset,

@@ -207,18 +207,19 @@ def _rank(score: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _empty(n_pairs: int, pool: int) -> list[np.ndarray]:
-    return [
+Blocks = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows, sim_image, sim_prompt, sizes
+
+
+def _empty(n_pairs: int, pool: int) -> Blocks:
+    return (
         np.full((n_pairs, pool), -1, dtype=np.int64),
         np.zeros((n_pairs, pool), dtype=np.float32),
         np.zeros((n_pairs, pool), dtype=np.float32),
         np.zeros(n_pairs, dtype=np.int64),
-    ]
+    )
 
 
-def _gather(
-    out: list[np.ndarray], part: slice, rows: np.ndarray, sims: np.ndarray, picked: np.ndarray
-) -> None:
+def _gather(out: Blocks, part: slice, rows: np.ndarray, sims: np.ndarray, picked: np.ndarray) -> None:
     width = picked.shape[1]
     ok = picked >= 0
     index = np.maximum(picked, 0)

@@ -9,7 +9,7 @@ and the tables out, and adds the returned counts and failures to its task's stat
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -88,7 +88,7 @@ def mine_pools(
 
     `positive_rows` are the positives' rows in `images`; `timings` (seconds per phase) is added to.
     """
-    timings = timings if timings is not None else Counter()
+    timings = timings if timings is not None else defaultdict(float)
     counts: Counter[str] = Counter()
     mask, positives, repeats = clean_pool(batch.rows, batch.mask, positive_rows)
     counts["removed_positive"] += positives

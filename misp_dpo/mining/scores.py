@@ -7,7 +7,7 @@ and never takes probability mass.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class PoolEncoder(Protocol):
 
     variant: str
     latents: int
-    clip: dict
+    clip: dict[str, Any]
 
     def encode_pools(
         self, positive: np.ndarray, candidates: np.ndarray, prompt: np.ndarray, mask: np.ndarray
@@ -34,7 +34,7 @@ class PoolEncoder(Protocol):
 def as_numpy(values: object) -> np.ndarray:
     """float32 numpy from a numpy array or a (possibly CUDA) torch tensor."""
     if hasattr(values, "detach"):
-        values = values.detach().float().cpu().numpy()  # type: ignore[attr-defined]
+        values = values.detach().float().cpu().numpy()
     return np.asarray(values, dtype=np.float32)
 
 

@@ -80,7 +80,7 @@ class TaskContext:
         return path
 
     def count(self, key: str, n: int | float = 1) -> None:
-        self.counts[key] += n
+        self.counts[key] += n  # type: ignore[assignment]  # float counts (seconds, rates) too
 
     def fail(self, item: str, reason: str, detail: str = "") -> None:
         """Record a per-sample failure: `item` names the file or row, `reason` is a short class."""
@@ -126,7 +126,7 @@ class Stage(ABC, Generic[C]):
     """A pipeline stage. Subclasses are stateless, so they pickle into worker processes."""
 
     name: ClassVar[str]
-    config: ClassVar[type]
+    config: ClassVar[type[StageConfig]]
     resources: ClassVar[TaskResources] = TaskResources()
 
     @abstractmethod

@@ -57,7 +57,9 @@ def heldout_mask(ids: Sequence[str], fraction: float) -> np.ndarray:
     """Held-out flag per id from a hash of the id: the same items whatever the seed or shard layout."""
     if fraction <= 0:
         return np.zeros(len(ids), dtype=bool)
-    digests = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest()) for i in ids])
+    digests = np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids]
+    )
     return (digests / 2.0**64) < fraction
 
 

@@ -77,10 +77,10 @@ class DifferenceEncoder:
         self, positive: np.ndarray, candidates: np.ndarray, prompt: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         pos, cand = self._tensor(positive), self._tensor(candidates)
-        scale = float(self.model.scale)
+        scale = float(self.model.scale)  # type: ignore[arg-type]
         if self.variant == "paper":
             if self._stats is None:
-                self._stats = self.model.decoder_stats()
+                self._stats = self.model.decoder_stats()  # type: ignore[operator]
             dv = (pos[:, None, :] - cand) * scale
             out = self.model(dv, self._tensor(prompt), self._stats)
             z, err = out.z, out.error
@@ -88,8 +88,8 @@ class DifferenceEncoder:
             n_pairs, width, dim = cand.shape
             x = cand.reshape(-1, dim) * scale
             out = self.model(x)
-            z_c = self.model.dense_codes(out).view(n_pairs, width, -1)
-            z = z_c - self.model.dense_codes(self.model(pos * scale))[:, None, :]
+            z_c = self.model.dense_codes(out).view(n_pairs, width, -1)  # type: ignore[operator]
+            z = z_c - self.model.dense_codes(self.model(pos * scale))[:, None, :]  # type: ignore[operator]
             err = ((x - out.x_hat) ** 2).sum(-1).view(n_pairs, width)
         err = (err / scale**2).clamp_min(0.0)
         return z.float().cpu().numpy(), err.float().cpu().numpy()

@@ -47,7 +47,10 @@ class HeldOut:
         z: torch.Tensor,
     ) -> None:
         """x_sum: Σx of the batch; squares, errors, cosine: per sample (n,); z: codes (n, L)."""
-        as64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+
+        def as64(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu", torch.float64).numpy()
+
         total = as64(x_sum)
         self.total = total if self.total is None else self.total + total
         self.squares += float(as64(squares).sum())

@@ -45,6 +45,7 @@ def kl_sparsity(rho: float, rho_hat: torch.Tensor, eps: float = 1e-6) -> torch.T
 
 
 class FusedDifferenceSAE(nn.Module):
+    scale: torch.Tensor  # a registered buffer
     """Sigmoid SAE with input d = vec(Δv tᵀ); weights kept as (L, D, D) stacks of D×D matrices."""
 
     def __init__(self, dim: int, latents: int, rho: float = 0.05, gamma: float = 1.0) -> None:

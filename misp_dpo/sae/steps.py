@@ -29,11 +29,11 @@ class PoolInputs(NamedTuple):
 
 
 def pool_inputs(chunk: PoolChunk, images: torch.Tensor, scale: float) -> PoolInputs:
-    rows = chunk.candidates.long()
+    rows = torch.as_tensor(chunk.candidates).long()  # a chunk moved to the device holds tensors
     mask = rows >= 0
     candidates = images[rows.clamp_min(0)].float()
-    dv = (chunk.positive.float()[:, None, :] - candidates) * (mask[..., None] * scale)
-    return PoolInputs(dv, chunk.prompt.float(), mask)
+    dv = (torch.as_tensor(chunk.positive).float()[:, None, :] - candidates) * (mask[..., None] * scale)
+    return PoolInputs(dv, torch.as_tensor(chunk.prompt).float(), mask)
 
 
 class PaperSteps:
@@ -76,7 +76,7 @@ class TopKSteps:
 
     def inputs(self, batch: Any) -> torch.Tensor:
         assert isinstance(batch, VectorChunk)
-        return batch.vectors.float() * float(self.model.scale)
+        return torch.as_tensor(batch.vectors).float() * float(self.model.scale)
 
     def samples(self, batch: Any) -> int:
         return len(batch.vectors)
@@ -104,7 +104,9 @@ class TopKSteps:
         self.model.normalise_decoder()
 
 
-def paper_evaluate(steps: PaperSteps, batch: Any, acc: HeldOut, stats: tuple[torch.Tensor, ...]) -> None:
+def paper_evaluate(
+    steps: PaperSteps, batch: Any, acc: HeldOut, stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> None:
     """Held-out sums of a pool block: errors, ‖d‖², cos(d, d̂) and Σd, all via the bilinear forms."""
     dv, t, mask = steps.inputs(batch)
     out = steps.model(dv, t, stats)

@@ -31,6 +31,7 @@ class TopKLoss(NamedTuple):
 
 
 class TopKSAE(nn.Module):
+    scale: torch.Tensor  # a registered buffer
     """W_enc (L, D), W_dec (L, D) with unit rows, biases b_enc (L,), b_dec (D,)."""
 
     def __init__(self, dim: int, latents: int, k: int) -> None:

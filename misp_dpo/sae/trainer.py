@@ -125,7 +125,7 @@ def _preload(dataset: Dataset, settings: TrainSettings, dim: int) -> Any:
 def build(spec: SaeSpec, stats: InputStats, seed: int, device: str) -> torch.nn.Module:
     model = spec.build()
     generator = torch.Generator().manual_seed(seed)
-    model.initialise(generator, torch.from_numpy(stats.mean).float(), stats.scale)
+    model.initialise(generator, torch.from_numpy(stats.mean).float(), stats.scale)  # type: ignore[operator]
     return model.to(device)
 
 
@@ -140,7 +140,9 @@ def lr_factor(step: int, total: int) -> float:
     return 1.0
 
 
-def train_step(model: torch.nn.Module, steps: Any, optimizer: torch.optim.Optimizer, batch: Any) -> dict:
+def train_step(
+    model: torch.nn.Module, steps: Any, optimizer: torch.optim.Optimizer, batch: Any
+) -> dict[str, torch.Tensor]:
     out = steps.loss(batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -156,7 +158,8 @@ class _Log:
     def __init__(
         self, history: dict[str, list[float]], total: int, start: int, every: int, desc: str
     ) -> None:
-        self.history, self.every, self.pending = history, every, []
+        self.history, self.every = history, every
+        self.pending: list[dict[str, torch.Tensor]] = []
         self.bar = progress(total=total, initial=start, desc=desc, unit="step")
 
     def record(self, step: int, logs: dict[str, torch.Tensor], last: bool) -> None:
@@ -177,7 +180,9 @@ class _Log:
         self.bar.close()
 
 
-def _state(step: int, model: torch.nn.Module, optimizer: Any, steps: Any, history: dict) -> dict[str, Any]:
+def _state(
+    step: int, model: torch.nn.Module, optimizer: Any, steps: Any, history: dict[str, list[float]]
+) -> dict[str, Any]:
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -189,7 +194,9 @@ def _state(step: int, model: torch.nn.Module, optimizer: Any, steps: Any, histor
     return state
 
 
-def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: Any, steps: Any) -> tuple[int, dict]:
+def _restore(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: Any, steps: Any
+) -> tuple[int, dict[str, list[float]]]:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if isinstance(steps, TopKSteps):
@@ -255,12 +262,13 @@ def evaluate(
     """Held-out metrics (metrics.py says what each one means)."""
     model.eval()
     paper = isinstance(steps, PaperSteps)
-    acc = HeldOut(model.latents, 0.5 if paper else 0.0, (0.0, 1.0))  # topk: inputs have energy 1
-    stats = model.decoder_stats() if paper else None
+    latents: int = model.latents  # type: ignore[assignment]
+    acc = HeldOut(latents, 0.5 if paper else 0.0, (0.0, 1.0))  # topk: inputs have energy 1
+    stats = model.decoder_stats() if paper else None  # type: ignore[operator]
     move = _to_device(device)
     for chunk in sequential(dataset, heldout=True, batch_size=per_batch):
         if paper:
-            paper_evaluate(steps, move(chunk), acc, stats)
+            paper_evaluate(steps, move(chunk), acc, stats)  # type: ignore[arg-type]
         else:
             topk_evaluate(steps, move(chunk), acc)
     return acc.result(sigmoid=paper)

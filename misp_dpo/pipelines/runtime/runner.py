@@ -136,7 +136,7 @@ def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
     plan = stage.plan(cfg)
     chash = config_hash(stage, cfg, plan)
     if stage.resources.distributed and torchrun_rank() > 0:
-        return _follow(stage, cfg, plan, chash, opts)
+        return _follow(stage, cfg, plan, chash, opts)  # type: ignore[func-returns-value]
     done = prepare_output(stage, cfg, chash, opts.overwrite)
     if done is not None:
         log_event("already complete, skipping", stage=stage.name, out=str(cfg.out))

@@ -69,7 +69,7 @@ class FitClipStage(Stage[FitClipConfig]):  # type: ignore[type-var]
     """
 
     name = "fit-clip"
-    config = FitClipConfig
+    config = FitClipConfig  # type: ignore[assignment]  # StageConfig's fields, not its subclass
 
     def plan(self, cfg: FitClipConfig) -> Plan:
         import open_clip
