@@ -209,7 +209,9 @@ def write_random_sae(
     return out
 
 
-def negatives_table(corpus: Path, pairs: int, negatives: int = 3, pool: int = 8, seed: int = 0) -> pa.Table:
+def random_negatives_table(
+    corpus: Path, pairs: int, negatives: int = 3, pool: int = 8, seed: int = 0
+) -> pa.Table:
     """A listwise `negatives` table (schema NEGATIVES) on a `synth` corpus, without CLIP or an SAE.
 
     Pair i is the corpus's pair i with its own image as the positive; its pool holds `pool` other
@@ -271,8 +273,8 @@ def write_negatives(
     seed: int = 0,
     table: pa.Table | None = None,
 ) -> Manifest:
-    """A finished `mine` output (`train-00000.parquet`, real manifest) from `negatives_table` or `table`."""
-    table = table if table is not None else negatives_table(corpus, pairs, negatives, pool, seed)
+    """A finished `mine` output (`train-00000.parquet`, real manifest) from `table` or random negatives."""
+    table = table if table is not None else random_negatives_table(corpus, pairs, negatives, pool, seed)
     meta = {"negatives": negatives, "strategy": "synthetic", "format": "listwise"}
     return write_prewritten(
         out, "mine", {"train": table}, meta=meta, label=f"negatives-{pairs}-{negatives}-{seed}"

@@ -15,7 +15,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "misp_dpo"
 CORES = ("embed", "sae", "mining", "dpo", "eval")
 GROUND = ("config", "errors", "log", "image_uris", "row_ranges", "optional")
 # the stage-contract floor: what a stage may import from pipelines/
-CONTRACT = ("stage", "schemas", "io", "manifest", "pools", "embeddings", "index_files")
+CONTRACT = ("stage", "schemas", "io", "manifest", "pools", "embeddings", "index_files", "process_cache")
 
 
 def floor(module: str, package: str) -> str | None:

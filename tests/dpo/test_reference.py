@@ -18,7 +18,7 @@ from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import read_table
 from misp_dpo.pipelines.stages.train import REFERENCE
 from tests.dpo.conftest import run_train
-from tests.helpers import negatives_table, write_negatives
+from tests.helpers import random_negatives_table, write_negatives
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_cache_for_the_same_inputs_is_reused(trained: Path, negatives16: Path, t
 
 
 def test_unreadable_images_are_per_pair_failures(synth_corpus: Path, tmp_path: Path) -> None:
-    table = negatives_table(synth_corpus, pairs=12, negatives=2).to_pylist()
+    table = random_negatives_table(synth_corpus, pairs=12, negatives=2).to_pylist()
     table[0]["positive"]["uri"] = str(tmp_path / "gone.png")
     table[1]["negatives"][1]["uri"] = "/data/shard-00001.tar#000042.jpg"
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -82,7 +82,7 @@ def test_resume_after_a_crash_and_a_reused_index_give_identical_bytes(
 ) -> None:
     reference = tmp_path / "reference"
     run(embeddings.root, reference, batch_size=8)
-    stage_module._LOADED.clear()
+    stage_module.CORPUS.clear()
     real, calls = stage_module.build_pools, []
 
     def crash_on_fourth_batch(*args: object, **kwargs: object) -> object:
@@ -97,10 +97,10 @@ def test_resume_after_a_crash_and_a_reused_index_give_identical_bytes(
         run(embeddings.root, resumed, batch_size=8)
     assert (resumed / "candidates-00000.parquet").exists() and not (resumed / "manifest.json").exists()
     monkeypatch.setattr(stage_module, "build_pools", real)
-    stage_module._LOADED.clear()
+    stage_module.CORPUS.clear()
     run(embeddings.root, resumed, batch_size=8)  # loads the saved index
     assert digest(resumed) == digest(reference)
-    stage_module._LOADED.clear()
+    stage_module.CORPUS.clear()
     unsaved = tmp_path / "unsaved"
     run(embeddings.root, unsaved, batch_size=8, save_index=False)
     assert not (unsaved / "_index").exists()
@@ -111,13 +111,13 @@ def test_resume_after_a_crash_and_a_reused_index_give_identical_bytes(
 
 def test_index_dir_is_shared_and_ivf_runs(embeddings: Manifest, tmp_path: Path) -> None:
     shared = tmp_path / "indexes"
-    stage_module._LOADED.clear()
+    stage_module.CORPUS.clear()
     manifest = run(embeddings.root, tmp_path / "a", index="IVF8,Flat", index_dir=shared)
     assert manifest.meta["index"] == {"factory": "IVF8,Flat", "nprobe": 8, "train_size": N_IMAGES}
     saved = sorted(p.name for p in shared.iterdir())
     assert len(saved) == 2 and saved[0].endswith(".faiss")
     assert json.loads((shared / saved[1]).read_text())["factory"] == "IVF8,Flat"
-    stage_module._LOADED.clear()
+    stage_module.CORPUS.clear()
     again = run(embeddings.root, tmp_path / "b", index="IVF8,Flat", index_dir=shared)
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
     assert sorted(p.name for p in shared.iterdir()) == saved

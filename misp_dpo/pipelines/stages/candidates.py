@@ -36,6 +36,7 @@ from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, pair_shards
 from misp_dpo.pipelines.index_files import INDEX_DIR, index_key, open_index
 from misp_dpo.pipelines.io import iter_row_range, task_rows, vectors_to_numpy
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash
+from misp_dpo.pipelines.process_cache import ProcessCache
 from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
 
 PAIR_COLUMNS = ["pair_id", "image_id", "prompt_embedding", "chosen_embedding"]
@@ -173,7 +174,7 @@ class CandidatesStage(Stage[CandidatesConfig]):
             )
 
     def finalize(self, cfg: CandidatesConfig, plan: Plan, out: Path, stats: dict[str, Any]) -> list[str]:
-        _LOADED.clear()  # free the corpus and index before later stages of a pipeline run
+        CORPUS.clear()  # free the corpus and index before later stages of a pipeline run
         if stats.get("small_pools"):
             LOGGER.warning(
                 f"candidates: {stats['small_pools']} of {stats.get('pairs', 0)} pairs have fewer than "
@@ -208,21 +209,22 @@ def check_embeddings(manifest: Manifest, clip: ClipModelInfo, flag: str = "--emb
                 )
 
 
-_LOADED: dict[str, tuple[ImageStore, Searcher]] = {}  # this process's corpus, shared by its tasks
+CORPUS: ProcessCache[tuple[ImageStore, Searcher]] = ProcessCache(size=1)  # shared by this process's tasks
 
 
 def corpus(cfg: CandidatesConfig, embeddings: Manifest, work: CandidatesWork) -> tuple[ImageStore, Searcher]:
     """The image store and a ready searcher, loaded once per process and reused by its tasks."""
     key = f"{work.index_key}:{cfg.device}:{cfg.gpu_layout}:{cfg.gpu_float16}:{cfg.settings().k}"
-    if key not in _LOADED:
-        _LOADED.clear()
+
+    def load() -> tuple[ImageStore, Searcher]:
         store = ImageStore.load(embeddings)
         pa.default_memory_pool().release_unused()  # parquet read buffers: peak RSS is store + index
         folder = cfg.index_dir if cfg.index_dir is not None else cfg.out / INDEX_DIR
         index = open_index(store.vectors, work.spec, cfg.seed, folder, work.index_key, cfg.save_index)
         searcher = Searcher(index, work.spec, cfg.device, cfg.settings().k, cfg.gpu_layout, cfg.gpu_float16)
-        _LOADED[key] = (store, searcher)
-    return _LOADED[key]
+        return store, searcher
+
+    return CORPUS.get(key, load)
 
 
 def pool_batch(

@@ -68,7 +68,7 @@ class TrainConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainTaskResult:
     """What one process of the train task did: counts for the stats, failures, files rank 0 wrote."""
 
     pairs: int
@@ -223,7 +223,7 @@ def load_or_compute_reference(
     return table, failures
 
 
-def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> TrainResult:
+def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> TrainTaskResult:
     """Everything one process does for the train task; returns counts, failures and written files."""
     from misp_dpo.dpo import distributed
     from misp_dpo.dpo.data import PreferenceData
@@ -251,4 +251,4 @@ def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> 
     if records:
         log_event("training done", **{k: records[-1][k] for k in ("step", "loss", "accuracy", "margin")})
     steps = total_steps(cfg.loop, len(rows), dist.world)
-    return TrainResult(len(data), len(rows), steps, failures, files)
+    return TrainTaskResult(len(data), len(rows), steps, failures, files)
