@@ -7,6 +7,10 @@ so later stages join candidates and pairs by position. The core is `misp_dpo.min
 The image store and the corpus index are loaded once per process and shared by its tasks; the
 index is saved under `_index/` of the output (or `--index-dir`) and reused by reruns, other tasks
 and other processes (see `index_files`), with byte-identical outputs either way.
+
+Over the 150-line aim: it checks every embeddings shard against its manifest before any work, owns the
+per-process corpus/index loading and the GPU layout options, and still holds `_expand` (pool
+expansion), which belongs in `misp_dpo.mining.candidates` (to move once issue 14's edits there land).
 """
 
 from __future__ import annotations

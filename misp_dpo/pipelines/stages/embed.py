@@ -8,6 +8,9 @@ input rows in order. The same image may reach two tasks; `ImageStore.load` keeps
 
 The cores: `misp_dpo.embed.pairs` / `readers` (inputs), `decode` (DataLoader workers), `clip`
 (the model) and `encode` (batches to tables).
+
+Over the 150-line aim: it resolves three corpus kinds (folder, table, tar shards) and the model
+before any work, and records per-image failures.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ OUT holds `open_clip_config.json` and `open_clip_model.safetensors`, the layout 
 `local-dir:` loads, so `--model local-dir:OUT` works wherever a model is named; plus
 `metrics.json` (held-out retrieval against chance, the loss curve) and the usual manifest.
 The core is `misp_dpo.embed.fit_clip`.
+
+Over the 150-line aim: it assembles and logs metrics.json (held-out retrieval against chance, the loss).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """`misp-dpo mine`: pick N negatives per pair from its candidate pool and publish the dataset.
 
 Task t of T handles global pair rows `task_rows(P, t, T)` of the candidates output, streamed as
-padded pool batches; the cores score and select (`misp_dpo.mining.strategies`) and build the rows
-(`misp_dpo.mining.dataset`); `finalize` writes the dataset card.
+padded pool batches; `misp_dpo.mining.mine.mine_pools` cleans, scores, selects and builds the rows
+of each batch; `finalize` writes the dataset card.
+
+Over the 150-line aim: `plan` refuses an SAE from another CLIP before any work, and the card writer
+(histograms, README.md) lives here; both belong with the card core (issue 15 is rewriting it).
 """
 
 from __future__ import annotations

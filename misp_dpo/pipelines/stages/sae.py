@@ -5,6 +5,9 @@ Reads `candidates/` and, through its manifest, the embeddings; hands the core (`
 global row range, so data larger than memory trains too; writes `sae.safetensors`, `cfg.json`,
 `metrics.json` and `curves.png`. A training checkpoint under `_checkpoint.pt` lets a killed run
 resume where it stopped (with the same result on CPU); it is deleted once the outputs exist.
+
+Over the 150-line aim: two dataset builders over the shards (paper: pools by pair; topk: images),
+the file checkpointer and four outputs; the builders belong in `misp_dpo.sae.data` (still to move).
 """
 
 from __future__ import annotations

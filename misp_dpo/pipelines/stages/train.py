@@ -5,6 +5,9 @@ trains with the cores in `misp_dpo.dpo`, and writes `adapter/` (safetensors), `m
 `reference_logps.parquet`. Resume inside the task comes from the trainer's checkpoints; the runner's
 completion marker is written only once training has finished. Under torchrun every rank runs the
 task's computation; only rank 0 goes through the runner and writes.
+
+Over the 150-line aim: `train_task` (load, reference pass, training, save) is still here and belongs
+in `misp_dpo.dpo` as the train entry point (to move once the dpo edits in flight land).
 """
 
 from __future__ import annotations
