@@ -13,7 +13,6 @@ import random
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +29,11 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    root: Path, step: int, trainable: Mapping[str, torch.Tensor], optimizer: Any, scheduler: Any
+    root: Path,
+    step: int,
+    trainable: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Path:
     final = checkpoint_dir(root, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -61,7 +64,10 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: Any, scheduler: Any
+    path: Path,
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> int:
     """Restore weights, optimizer, scheduler and RNGs in place; returns the step the checkpoint ended."""
     weights = load_file(str(path / WEIGHTS))

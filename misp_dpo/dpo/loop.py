@@ -242,7 +242,9 @@ def backward_step(state: TrainState, step: int) -> dict[str, float]:
     return {name: float(totals[i]) / count for i, name in enumerate(METRIC_SUMS)}
 
 
-def optimizer_step(state: TrainState, optimizer: Any, scheduler: Any) -> float:
+def optimizer_step(
+    state: TrainState, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> float:
     """Clip, step, zero; returns the gradient norm before clipping."""
     params = [p for p in state.model.parameters() if p.requires_grad]
     limit = state.loop.max_grad_norm if state.loop.max_grad_norm > 0 else float("inf")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from misp_dpo.errors import UserError
 
@@ -225,14 +227,14 @@ class ClipEncoder:
         self.device = torch.device(device)
         self.description = description
 
-    def transform(self) -> Any:
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval image transform (PIL image -> tensor), for the decoding workers."""
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         cfg = dict(self.model.visual.preprocess_cfg)
         return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
-    def _autocast(self) -> Any:
+    def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.inference_mode()

@@ -141,7 +141,7 @@ def lr_factor(step: int, total: int) -> float:
 
 
 def train_step(
-    model: torch.nn.Module, steps: Any, optimizer: torch.optim.Optimizer, batch: Any
+    model: torch.nn.Module, steps: PaperSteps | TopKSteps, optimizer: torch.optim.Optimizer, batch: Any
 ) -> dict[str, torch.Tensor]:
     out = steps.loss(batch)
     optimizer.zero_grad(set_to_none=True)
@@ -181,7 +181,11 @@ class _Log:
 
 
 def _state(
-    step: int, model: torch.nn.Module, optimizer: Any, steps: Any, history: dict[str, list[float]]
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: PaperSteps | TopKSteps,
+    history: dict[str, list[float]],
 ) -> dict[str, Any]:
     state = {
         "step": step,
@@ -195,7 +199,10 @@ def _state(
 
 
 def _restore(
-    state: dict[str, Any], model: torch.nn.Module, optimizer: Any, steps: Any
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: PaperSteps | TopKSteps,
 ) -> tuple[int, dict[str, list[float]]]:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
