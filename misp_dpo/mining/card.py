@@ -61,6 +61,7 @@ class CardFacts:
     license: str = "other"
     features: dict[str, Any] | None = None  # `datasets` features (the `_type` form) of the rows
     layout: str = "one row per pair; images located by `uri` (resolve them against the image root)"
+    num_bytes: int | None = None  # Arrow size of the rows (the card's split size), when known
     fields_table: bool = True  # rows carry the negatives' fields (mine, hf); False: see `layout`
     extra: list[str] = field(default_factory=list)  # more Markdown sections
 
@@ -78,6 +79,11 @@ def portable(value: Any) -> Any:
     if isinstance(value, str):
         return _ABSOLUTE.sub(lambda m: PurePath(m.group(0).removeprefix("file://")).name or ".", value)
     return value
+
+
+def dataset_name(folder: PurePath) -> str:
+    """What a dataset folder is called: its name, or its parent's when it is the stage's `negatives`."""
+    return folder.parent.name if folder.name == "negatives" and folder.parent.name else folder.name
 
 
 def size_category(rows: int) -> str:
@@ -158,9 +164,10 @@ def _header(facts: CardFacts) -> str:
         {"config_name": name, "data_files": [{"split": "train", "path": glob}]}
         for name, glob in facts.data_files.items()
     ]
-    info: dict[str, Any] = {"splits": [{"name": "train", "num_examples": facts.rows}]}
-    if facts.features is not None:
-        info = {"features": yaml_features(facts.features), **info}
+    info: dict[str, Any] | None = None  # one config whose features and size are known (the hf rows)
+    if facts.features is not None and facts.num_bytes is not None:
+        split = {"name": "train", "num_bytes": facts.num_bytes, "num_examples": facts.rows}
+        info = {"features": yaml_features(facts.features), "splits": [split]}
     data = DatasetCardData(
         license=facts.license,
         task_categories=TASK_CATEGORIES,

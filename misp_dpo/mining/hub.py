@@ -72,6 +72,7 @@ def hub_card(
         histograms=list(images),
         data_files=data_files,
         rows=int(stats.get("rows", 0)),
+        num_bytes=int(stats["num_bytes"]) if "num_bytes" in stats else None,
         license=license,
         features=features,
         layout=LAYOUT[fmt],

@@ -216,5 +216,6 @@ def publish_batch(batch: pa.Table, read: ReadImage, settings: PublishSettings) -
         tables = trl_rows(images)
         counts["pairs_without_rejected_text"] = images.table.num_rows - tables["train"].num_rows
     counts["rows"] = sum(t.num_rows for t in tables.values())
+    counts["num_bytes"] = sum(t.nbytes for t in tables.values())  # the card's split size, as datasets counts
     counts["pairs"] = images.table.num_rows
     return Published(tables, counts, images.images.failures)

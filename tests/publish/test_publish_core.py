@@ -117,7 +117,7 @@ def test_card_carries_the_hub_fields_and_the_score_formula(tmp_path: Path) -> No
     assert data["license"] == "cc-by-4.0" and data["size_categories"] == ["1K<n<10K"]
     assert data["pretty_name"] == "demo" and "image-text-to-text" in data["task_categories"]
     assert data["configs"][0]["data_files"][0]["path"] == "train-*.parquet"
-    assert data["dataset_info"]["splits"][0]["num_examples"] == 1500
+    assert "dataset_info" not in data  # mine's rows hold uris: no image features to declare
     assert "s_i = 1 * l_i / max_pool(l) + 0.5 * v_i / max_pool(v) + 0.25 * (sim_i" in text
     assert "![" in text and "hist-score.png" in text
     assert not ABSOLUTE.search(text.encode()), text

@@ -67,6 +67,7 @@ def test_published_folder_loads_with_its_images_and_no_absolute_path(tmp_path: P
     assert (out / "hist-score.png").stat().st_size > 1000
     card = (out / "README.md").read_text()
     assert "license: other" in card and "pretty_name:" in card and "dataset_info:" in card
+    assert "num_examples: 5" in card and "num_bytes: " in card and "dtype: image" in card
     assert "w_l = 1, w_v = 1, relevance R = 0" in card
     for ds in (
         datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "c1")),

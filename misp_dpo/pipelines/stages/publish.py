@@ -18,7 +18,7 @@ from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.log import log_event
-from misp_dpo.mining.card import portable
+from misp_dpo.mining.card import dataset_name, portable
 from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS
 from misp_dpo.mining.hub import DATA_DIR, SHARD_PREFIXES, hub_card, upload
 from misp_dpo.mining.publish import HF_ROWS, PublishSettings, publish_batch
@@ -86,7 +86,8 @@ class PublishStage(Stage[PublishConfig]):
         meta = {
             "format": cfg.settings.format,
             "negatives": portable({"config": negatives.config, "meta": negatives.meta}),
-            "pretty_name": cfg.settings.pretty_name or f"misp-dpo negatives: {cfg.negatives.resolve().name}",
+            "pretty_name": cfg.settings.pretty_name
+            or f"misp-dpo negatives: {dataset_name(cfg.negatives.resolve())}",
         }
         inputs = {"negatives": manifest_hash(cfg.negatives)}
         return Plan(num_tasks=cfg.tasks, inputs=inputs, meta=meta, work=PublishWork(shards, rows, root))

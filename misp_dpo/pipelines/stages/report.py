@@ -21,6 +21,7 @@ from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.mining.attributes import AttributeTable, dataset_quality
+from misp_dpo.mining.card import dataset_name
 from misp_dpo.mining.label_free import label_free_rows, negative_flags, pair_spread
 from misp_dpo.mining.plots import HISTOGRAM_FIELDS, gather_fields, render_histograms
 from misp_dpo.mining.report import render_report, shown_pairs, summary_rows, thumbnail
@@ -87,7 +88,7 @@ class ReportStage(Stage[ReportConfig]):
         flags = negative_flags(values.get("sim_image", np.zeros(0, np.float32)))
         pairs = shown_pairs(table.to_pylist(), thumbs, attributes, flags)  # at most --limit rows
         histograms = _histograms(values, ctx)
-        name = cfg.negatives.resolve().name
+        name = dataset_name(cfg.negatives.resolve())
         unreadable = int(ctx.counts.get("failures", 0))
         summary = summary_rows(name, negatives.meta, negatives.stats, len(pairs), unreadable)
         quality = label_free_rows(values, flags, _spread(negatives.meta, shards))
