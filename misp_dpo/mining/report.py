@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from misp_dpo.mining.attributes import AttributeTable
+from misp_dpo.mining.card import portable
 from misp_dpo.mining.label_free import NegativeFlags
 
 # (field, caption label, what it means) for every per-negative number the page shows
@@ -178,6 +179,7 @@ def summary_rows(
     name: str, meta: dict[str, Any], stats: dict[str, Any], shown: int, unreadable: int
 ) -> list[tuple[str, str]]:
     """The summary table: what the dataset is and its counts (folder named, never its full path)."""
+    meta = portable(meta)  # a local checkpoint's folder by name, not by its path on this machine
     sae, clip = meta.get("sae") or {}, meta.get("clip") or {}
     rows: list[tuple[str, Any]] = [
         ("dataset", name),

@@ -44,6 +44,11 @@ class ReportConfig(StageConfig):
         hashed=False,
     )
     thumb_size: int = option(128, "largest side of the thumbnails, in pixels")
+    near_duplicate: float = option(
+        0.95,
+        "flag negatives whose CLIP cosine to the positive reaches this as near-duplicates (0.95 suits "
+        "pretrained CLIPs; a small CLIP trained on few images puts distinct pictures closer)",
+    )
     image_root: Path | None = option(
         None,
         "folder that relative image locations are resolved against (the dataset's --uri-root, "
@@ -85,7 +90,7 @@ class ReportStage(Stage[ReportConfig]):
         attributes = _load_attributes(cfg.attributes) if cfg.attributes is not None else None
         thumbs = _thumbnails(table, cfg.thumb_size, cfg.image_root or negatives.root, ctx)
         values = gather_fields(iter_batches(shards, ["negatives"]))
-        flags = negative_flags(values.get("sim_image", np.zeros(0, np.float32)))
+        flags = negative_flags(values.get("sim_image", np.zeros(0, np.float32)), cfg.near_duplicate)
         pairs = shown_pairs(table.to_pylist(), thumbs, attributes, flags)  # at most --limit rows
         histograms = _histograms(values, ctx)
         name = dataset_name(cfg.negatives.resolve())
