@@ -9,6 +9,7 @@ from misp_dpo.pipelines.stages.candidates import CandidatesStage
 from misp_dpo.pipelines.stages.embed import EmbedStage
 from misp_dpo.pipelines.stages.eval import EvalStage
 from misp_dpo.pipelines.stages.fit_clip import FitClipStage
+from misp_dpo.pipelines.stages.fit_vlm import FitVlmStage
 from misp_dpo.pipelines.stages.mine import MineStage
 from misp_dpo.pipelines.stages.publish import PublishStage
 from misp_dpo.pipelines.stages.report import ReportStage
@@ -21,6 +22,7 @@ STAGES: dict[str, Stage[Any]] = {
     for stage in (
         SynthStage(),
         FitClipStage(),
+        FitVlmStage(),
         EmbedStage(),
         CandidatesStage(),
         SaeStage(),
