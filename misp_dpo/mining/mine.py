@@ -58,7 +58,9 @@ class MineSettings:
     selection: SelectionParams = option(SelectionParams(), "how negatives are scored and picked")
     drop_short: bool = option(False, "drop pairs whose filtered pool has fewer than N candidates")
     format: Literal["listwise", "pairwise"] = option(
-        "listwise", "listwise: one row per pair with a list of negatives; pairwise: one row per negative"
+        "listwise",
+        "listwise: one row per pair with a list of negatives; pairwise (deprecated): one row per "
+        "negative, use `misp-dpo publish NEGATIVES --format swift|trl` for trainers instead",
     )
     uri_root: Path | None = option(
         None,

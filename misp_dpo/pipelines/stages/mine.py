@@ -79,6 +79,12 @@ class MineStage(Stage[MineConfig]):
         candidates = read_manifest(cfg.candidates, "candidates", "--candidates")
         embeddings, clip = upstream_embeddings(candidates, "--candidates")
         strategy = cfg.settings.selection.strategy
+        if cfg.settings.format == "pairwise":
+            LOGGER.warning(
+                "mine: --format pairwise is deprecated; mine the listwise dataset and export it with "
+                "`misp-dpo publish NEGATIVES --format swift` (one rejected image per row, ms-swift) or "
+                "`--format trl` (TRL, rejected texts only)"
+            )
         if strategy in NEEDS_SAE and cfg.sae is None:
             raise UserError(
                 f"--sae: --strategy {strategy} scores candidates with an SAE; pass --sae DIR (the output of "
