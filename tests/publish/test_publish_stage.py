@@ -150,3 +150,18 @@ def test_cli_publish_with_positional_folder_and_dry_run(
         main(["publish", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert done.value.code == 2
     assert "NEGATIVES" in capsys.readouterr().err
+
+
+def test_upload_without_network_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from misp_dpo.mining.hub import upload
+
+    (tmp_path / "README.md").write_text("card")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        upload(tmp_path, "someone/tiny", dry_run=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # whatever this machine has stored
+    with pytest.raises(UserError, match="no Hugging Face token"):
+        upload(tmp_path, "someone/tiny", dry_run=False)
