@@ -61,7 +61,9 @@ class FitVlmConfig:
     hidden: int = option(128, "width of the language model (Llama)")
     layers: int = option(2, "depth of the language model")
     augment: bool = option(
-        True, "phase 1 turns images by random flips and transpositions (position relabelled)"
+        False,
+        "phase 1 also sees each image turned by a random flip or transposition, its position relabelled "
+        "(off: on the demo corpus it slowed shape learning, 0.22 vs 0.34 held-out at 600 steps)",
     )
     reasoned: bool = option(
         True, 'answer yes/no questions after stating the attribute ("The shape is blue, so no.")'
