@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -122,7 +123,8 @@ def demo_stages(root: Path) -> dict[str, tuple[Any, Any, Any]]:
 
 
 def prepare(root: Path, seed: int, sizes: Sizes, saes: set[str], stages: dict[str, Any]) -> None:
-    """synth -> fit-clip -> embed -> candidates -> sae (each variant in `saes`), seeded, cached by the runner."""
+    """synth -> fit-clip -> embed -> candidates -> sae (each variant in `saes`), seeded; the runner
+    skips what is complete."""
     from misp_dpo.pipelines.runtime.runner import run_stage
 
     for name in ("synth", "fit-clip", "embed", "candidates"):
@@ -153,7 +155,9 @@ def base_model(args: argparse.Namespace, root: Path, seed: int) -> str:
     if args.base:
         folder = Path(args.base.format(seed=seed))
         if not (folder / "config.json").is_file():
-            raise SystemExit(f"--base {folder}: no config.json (a fitted VLM folder per seed; {{seed}} expands)")
+            raise SystemExit(
+                f"--base {folder}: no config.json (a fitted VLM folder per seed; {{seed}} expands)"
+            )
         return str(folder.resolve())
     folder = root / "vlm"
     if not (folder / "config.json").is_file():
@@ -170,7 +174,7 @@ def fit_base(root: Path, folder: Path, seed: int) -> None:
 
         stage = STAGES["fit-vlm"]
         names = {f.name for f in dataclasses.fields(stage.config)}
-        given = {"corpus": root / "synth", "clip": root / "clip", "out": folder, "seed": seed}
+        given: dict[str, Any] = {"corpus": root / "synth", "clip": root / "clip", "out": folder, "seed": seed}
         run_stage(stage, stage.config(**{k: v for k, v in given.items() if k in names}), RunOptions())
         return
     from misp_dpo.embed import synth
@@ -300,9 +304,9 @@ def _corrupt(image: Any, kind: str, rng: np.random.Generator) -> Any:
         cw, ch = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
         if 0 < cw <= w and 0 < ch <= h:
             left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+            return image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BICUBIC)
     side = max(1, round(min(w, h) * 0.3))
-    return image.crop((0, 0, side, side)).resize((w, h), Image.BICUBIC)
+    return image.crop((0, 0, side, side)).resize((w, h), Image.Resampling.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -329,8 +333,14 @@ def train_arm(
     }
     done = arm_dir / "done.json"
     adapter = arm_dir / "adapter"
-    if done.is_file() and json.loads(done.read_text()) == settings and (adapter / "adapter_config.json").is_file():
+    if (
+        done.is_file()
+        and json.loads(done.read_text()) == settings
+        and (adapter / "adapter_config.json").is_file()
+    ):
         return adapter
+    if arm_dir.is_dir():  # another model, table or setting: start afresh (no stale checkpoint resumes)
+        shutil.rmtree(arm_dir)
     data = arm_dir / "negatives"
     data.mkdir(parents=True, exist_ok=True)
     shard = data / f"{schemas.NEGATIVES_SHARD_PREFIX}-00000.parquet"
@@ -349,9 +359,6 @@ def train_arm(
         **arm.train,
     }
     cfg = replace_deep(cfg, **changes)
-    reference = arm_dir / "reference_logps.parquet"
-    if reference.is_file():  # another table's cache (a changed arm): recompute
-        reference.unlink()
     dataset = json.dumps(settings["negatives"])
     train_task(cfg, TrainWork(data, [shard], dataset), arm_dir, from_env())
     done.write_text(json.dumps(settings) + "\n")
@@ -368,8 +375,9 @@ def evaluate_arm(
     from misp_dpo.eval.config import EvalConfig
     from misp_dpo.eval.evaluate import answer_probes, pope_report
     from misp_dpo.eval.models import load_base, load_trained, resolve_base
+
     key = {
-        "version": 2,
+        "version": 3,
         "model": spec,
         "adapter": _stamp(adapter),
         "probes": sizes.probes,
@@ -379,7 +387,7 @@ def evaluate_arm(
         cached = json.loads(out.read_text())
         if cached.get("key") == key:
             return cached
-    cfg = EvalConfig(batch_size=64, max_new_tokens=8, device="cpu")
+    cfg = EvalConfig(batch_size=64, device="cpu")  # eval's defaults: 16 new tokens (reasoned answers)
     base = load_base(resolve_base(None, adapter) if adapter is not None else spec, cfg, seed)
     model = load_trained(base, adapter, cfg) if adapter is not None else base.model
     answers = answer_probes(model, base, probes, cfg, out.stem, show_progress=False)
@@ -398,7 +406,9 @@ def evaluate_arm(
     return record
 
 
-def preference_by_negative(model: Any, base: Any, pairs: Any, batch: int) -> tuple[dict[str, Any], dict[str, bool]]:
+def preference_by_negative(
+    model: Any, base: Any, pairs: Any, batch: int
+) -> tuple[dict[str, Any], dict[str, bool]]:
     """`preference_accuracy`'s figures, plus each (pair, negative)'s win (log p(chosen | positive) >
     log p(chosen | negative)), keyed pair_id/image_id, for the paired bootstrap."""
     from misp_dpo.dpo.model import Policy
@@ -417,7 +427,9 @@ def preference_by_negative(model: Any, base: Any, pairs: Any, batch: int) -> tup
     has_text = np.isfinite(logps.rejected) & np.isfinite(logps.positive)
     figures = {
         "image_accuracy": float(np.mean(list(wins.values()))) if wins else None,
-        "text_accuracy": float((logps.positive[has_text] > logps.rejected[has_text]).mean()) if has_text.any() else None,
+        "text_accuracy": float((logps.positive[has_text] > logps.rejected[has_text]).mean())
+        if has_text.any()
+        else None,
         "n": int(np.isfinite(logps.positive).sum()),
         "n_negatives": len(wins),
         "failures": len(failures),
@@ -474,7 +486,9 @@ def run_seed(
             default_table = read_negatives(mine_arm(root, seed, ARMS[DEFAULT], stages))
             chosen = training_pairs(default_table, sizes.steps * sizes.batch, seed)
         if arm.corrupt:
-            table = corrupt_negatives(subset(default_table, chosen), root / f"corrupt-{args.corrupt}", args.corrupt, seed)
+            table = corrupt_negatives(
+                subset(default_table, chosen), root / f"corrupt-{args.corrupt}", args.corrupt, seed
+            )
         elif arm.mine is None or name == DEFAULT:
             table = subset(default_table, chosen)
         else:
@@ -483,10 +497,14 @@ def run_seed(
         started = time.perf_counter()
         adapter = train_arm(root / f"train-{name}", table, spec, seed, arm, sizes, args.lr, stages)
         clock.add("train", started)
+        trained = time.perf_counter() - started
         started = time.perf_counter()
-        results[name] = evaluate_arm(root / "eval" / f"{name}.json", spec, adapter, seed, probes, pairs, sizes)
+        results[name] = evaluate_arm(
+            root / "eval" / f"{name}.json", spec, adapter, seed, probes, pairs, sizes
+        )
         clock.add("eval", started)
-        print(f"  seed {seed} {name:11s} {_brief(results[name])}", flush=True)
+        took = f"train {trained:.0f} s, eval {time.perf_counter() - started:.0f} s"
+        print(f"  seed {seed} {name:11s} {_brief(results[name])}  ({took})", flush=True)
     return results
 
 
@@ -513,8 +531,8 @@ def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], rows: list[str]) -
             }
         images = [(r.get("preference") or {}).get("image_accuracy") for r in records]
         texts = [(r.get("preference") or {}).get("text_accuracy") for r in records]
-        entry["image_accuracy"] = float(np.mean(images)) if None not in images else None
-        entry["text_accuracy"] = float(np.mean(texts)) if None not in texts else None
+        entry["image_accuracy"] = _mean(images)
+        entry["text_accuracy"] = _mean(texts)
         if arm != DEFAULT:
             for split in SPLITS:
                 d = paired_difference(
@@ -530,6 +548,10 @@ def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], rows: list[str]) -
                 entry["diff"]["image_accuracy"] = _diff_dict(d)
         out[arm] = entry
     return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean([float(v) for v in values]))
 
 
 def _diff_dict(d: PairedDiff) -> dict[str, Any]:
@@ -548,30 +570,43 @@ def print_table(summary: dict[str, Any], seeds: list[int], probes: dict[str, int
     print(f"\nmean over seeds {seeds}; probes per split {probes}")
     print(f"{'arm':12s}{head} img-pref text-pref")
     for arm, e in summary.items():
-        cells = "".join(f"  {e['splits'][s]['accuracy']:.3f} {e['splits'][s]['yes_ratio']:.2f}   " for s in SPLITS)
+        cells = "".join(
+            f"  {e['splits'][s]['accuracy']:.3f} {e['splits'][s]['yes_ratio']:.2f}   " for s in SPLITS
+        )
         img = "   n/a" if e["image_accuracy"] is None else f"{e['image_accuracy']:.3f}"
         txt = "   n/a" if e["text_accuracy"] is None else f"{e['text_accuracy']:.3f}"
         print(f"{arm:12s}{cells}   {img}     {txt}")
-    print(f"\ndifferences against {DEFAULT} (arm - {DEFAULT}), paired, 95% interval (seeds then probes), per-seed signs")
+    print(
+        f"\ndifferences against {DEFAULT} (arm - {DEFAULT}), paired, 95% interval "
+        "(seeds then probes), per-seed signs"
+    )
     print(f"{'arm':12s}" + "".join(f"{s:>31s}" for s in (*SPLITS, "image_accuracy")))
-    excluding = []
+    excluding: list[str] = []
     for arm, e in summary.items():
         if arm == DEFAULT:
             continue
-        cells = []
+        row: list[str] = []
         for key in (*SPLITS, "image_accuracy"):
             d = e["diff"].get(key)
             if d is None:
-                cells.append(f"{'n/a':>31s}")
+                row.append(f"{'n/a':>31s}")
                 continue
             mark = "*" if d["excludes_zero"] else " "
-            cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]{mark} {d['signs']:>4s}")
+            row.append(f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]{mark} {d['signs']:>4s}")
             if d["excludes_zero"] and key in SPLITS:
                 side = "above" if d["mean"] > 0 else "below"
-                excluding.append(f"{arm} {side} {DEFAULT} on {key} ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])")
-        print(f"{arm:12s}" + "".join(f"{c:>31s}" for c in cells))
-    print("(* the interval excludes 0; image_accuracy: held-out (pair, negative) wins, resampled like probes)")
-    print("\nintervals that exclude 0 (POPE):" if excluding else "\nno POPE difference has an interval that excludes 0")
+                excluding.append(
+                    f"{arm} {side} {DEFAULT} on {key} ({d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])"
+                )
+        print(f"{arm:12s}" + "".join(f"{c:>31s}" for c in row))
+    print(
+        "(* the interval excludes 0; image_accuracy: held-out (pair, negative) wins, resampled like probes)"
+    )
+    print(
+        "\nintervals that exclude 0 (POPE):"
+        if excluding
+        else "\nno POPE difference has an interval that excludes 0"
+    )
     for line in excluding:
         print("  " + line)
     return excluding
@@ -591,12 +626,19 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         d = [summary[a]["diff"][split] for a in arms]
         means = np.array([x["mean"] for x in d])
         err = np.array([[x["mean"] - x["low"] for x in d], [x["high"] - x["mean"] for x in d]])
-        colours = ["tab:red" if x["excludes_zero"] and x["mean"] < 0 else "tab:green" if x["excludes_zero"] else "tab:grey" for x in d]
+        colours = [
+            "tab:red"
+            if x["excludes_zero"] and x["mean"] < 0
+            else "tab:green"
+            if x["excludes_zero"]
+            else "tab:grey"
+            for x in d
+        ]
         for yi in range(len(arms)):
             ax.errorbar(means[yi], y[yi], xerr=err[:, yi : yi + 1], fmt="none", ecolor=colours[yi], capsize=3)
         ax.scatter(means, y, c=colours, zorder=3)
-        for yi, x in zip(y, d, strict=True):
-            ax.annotate(x["signs"], (x["high"], yi), xytext=(4, -3), textcoords="offset points", fontsize=8)
+        for row, x in enumerate(d):
+            ax.annotate(x["signs"], (x["high"], row), xytext=(4, -3), textcoords="offset points", fontsize=8)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(f"POPE {split}" if split in SPLITS else "held-out preference (image)")
         ax.set_xlabel(f"accuracy, arm - {DEFAULT} (95% CI; seed signs)")
@@ -613,19 +655,34 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", default="0,1,2", help="world seeds (one world, CLIP, SAE, base VLM each)")
     parser.add_argument("--arms", default=",".join(CORE), help=f"arms; ablations: {','.join(ABLATIONS)}")
-    parser.add_argument("--root", type=Path, default=None, help="cache of the per-seed worlds (default runs/downstream)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="cache of the per-seed worlds (default runs/downstream)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder of downstream.json and downstream.png")
-    parser.add_argument("--model", choices=("fitted", "tiny"), default="fitted", help="base VLM: the fitted demo VLM or tiny (random, cannot see)")
-    parser.add_argument("--base", default="", help="a fitted VLM folder per seed, {seed} expands (default: fit one per seed)")
+    parser.add_argument(
+        "--model",
+        choices=("fitted", "tiny"),
+        default="fitted",
+        help="base VLM: the fitted demo VLM or tiny (random, cannot see)",
+    )
+    parser.add_argument(
+        "--base", default="", help="a fitted VLM folder per seed, {seed} expands (default: fit one per seed)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of every arm")
     parser.add_argument("--batch", type=int, default=None, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LoRA learning rate of every arm")
     parser.add_argument("--probes", type=int, default=None, help="POPE probes per split (held-out)")
-    parser.add_argument("--corrupt", choices=("crop", "noise"), default="crop", help="the corrupted-image negative")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny sizes, few steps, tiny model")
+    parser.add_argument(
+        "--corrupt", choices=("crop", "noise"), default="crop", help="the corrupted-image negative"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, tiny sizes, few steps, tiny model"
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     changes = {k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("probes", args.probes)) if v}
@@ -635,7 +692,9 @@ def main() -> None:
         if args.model == "fitted" and not args.base:
             args.model = "tiny"
     args.root = args.root or ROOT / ("runs/downstream-quick" if args.quick else "runs/downstream")
-    args.out = args.out or ROOT / ("bench/results/downstream-quick" if args.quick else "bench/results/downstream")
+    args.out = args.out or ROOT / (
+        "bench/results/downstream-quick" if args.quick else "bench/results/downstream"
+    )
     arms = list(dict.fromkeys([DEFAULT, *(a.strip() for a in args.arms.split(",") if a.strip())]))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -656,14 +715,27 @@ def main() -> None:
     probes = {s: first[s]["n"] for s in SPLITS if s in first}
     excluding = print_table(summary, seeds, probes)
     wall = time.perf_counter() - started
-    title = f"downstream: {args.model} base, {len(seeds)} seed(s), {sizes.steps} steps x {sizes.batch} pairs, {sizes.probes} probes/split"
+    title = (
+        f"downstream: {args.model} base, {len(seeds)} seed(s), {sizes.steps} steps x {sizes.batch} "
+        f"pairs, {sizes.probes} probes/split"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
-        "settings": {**dataclasses.asdict(sizes), "model": args.model, "base": args.base, "lr": args.lr,
-                     "corrupt": args.corrupt, "seeds": seeds, "arms": arms, "default": DEFAULT},
+        "settings": {
+            **dataclasses.asdict(sizes),
+            "model": args.model,
+            "base": args.base,
+            "lr": args.lr,
+            "corrupt": args.corrupt,
+            "seeds": seeds,
+            "arms": arms,
+            "default": DEFAULT,
+        },
         "summary": summary,
-        "per_seed": {str(s): {a: {k: v for k, v in r.items() if k != "correct"} for a, r in res.items()}
-                     for s, res in per_seed.items()},
+        "per_seed": {
+            str(s): {a: {k: v for k, v in r.items() if k != "correct"} for a, r in res.items()}
+            for s, res in per_seed.items()
+        },
         "excluding_zero": excluding,
         "seconds": {"wall": wall, **clock.spent},
     }

@@ -34,9 +34,7 @@ class PairedDiff:
         return "".join("+" if d > 0 else "-" if d < 0 else "0" for d in self.per_seed)
 
 
-def aligned_correct(
-    reference: Mapping[str, bool], arm: Mapping[str, bool]
-) -> tuple[np.ndarray, np.ndarray]:
+def aligned_correct(reference: Mapping[str, bool], arm: Mapping[str, bool]) -> tuple[np.ndarray, np.ndarray]:
     """The two models' correctness on the probe ids both answered, in sorted id order."""
     ids = sorted(set(reference) & set(arm))
     return (
