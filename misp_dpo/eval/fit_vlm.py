@@ -342,14 +342,25 @@ def batch_tensors(
 
 
 def logits_from_tokens(
-    model: Any, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: Any,
+    tokens: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Any = None,
 ) -> torch.Tensor:
-    """LLaVA's forward from cached tower tokens: project, place in the image slots, run the decoder."""
+    """LLaVA's forward from cached tower tokens: project, place in the image slots, run the decoder.
+    With a transformers `cache` (a DynamicCache), its keys and values are extended in place."""
     embeds = model.get_input_embeddings()(input_ids)
-    image = model.model.multi_modal_projector(tokens).to(embeds.dtype)
-    slots = (input_ids == model.config.image_token_index).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(slots, image.reshape(-1))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    slots = input_ids == model.config.image_token_index
+    if bool(slots.any()):
+        image = model.model.multi_modal_projector(tokens).to(embeds.dtype)
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), image.reshape(-1))
+    hidden = model.model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
     return model.lm_head(hidden)
 
 
@@ -420,6 +431,8 @@ def greedy_answers(
     batch: int = 256,
 ) -> list[str]:
     """Each probe's answer decoded greedily (as generate() does) from cached tower tokens."""
+    from transformers import DynamicCache
+
     eos, pad = bank.tokenizer.eos_token_id, bank.tokenizer.pad_token_id
     answers: list[str] = []
     for lo in range(0, len(probes), batch):
@@ -434,12 +447,13 @@ def greedy_answers(
         rows = torch.as_tensor([p.row for p in part])
         done = torch.zeros(len(part), dtype=torch.bool)
         new = []
+        cache = DynamicCache()
         for _ in range(max_new_tokens):
-            step = logits_from_tokens(model, tokens[rows], ids, mask)[:, -1].argmax(-1)
+            step = logits_from_tokens(model, tokens[rows], ids, mask, cache)[:, -1].argmax(-1)
             step = torch.where(done, torch.full_like(step, pad), step)
             new.append(step)
             done |= step == eos
-            ids = torch.cat([ids, step[:, None]], dim=1)
+            ids = step[:, None]  # the cache holds everything before
             mask = torch.cat([mask, (~done | (step == eos)).long()[:, None]], dim=1)
             if bool(done.all()):
                 break
