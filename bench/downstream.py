@@ -96,10 +96,13 @@ class Sizes:
     batch: int
     probes: int  # per split
     pairs: int  # held-out preference pairs (0: all)
+    vlm_steps: tuple[int, int] | None = None  # fit-vlm (tower_steps, steps); None: fit-vlm's defaults
 
 
 FULL = Sizes(n=None, heldout=None, clip_steps=None, sae_epochs=None, steps=150, batch=4, probes=1500, pairs=0)
-QUICK = Sizes(n=400, heldout=20, clip_steps=40, sae_epochs=2, steps=6, batch=2, probes=60, pairs=30)
+QUICK = Sizes(
+    n=400, heldout=20, clip_steps=40, sae_epochs=2, steps=6, batch=2, probes=60, pairs=30, vlm_steps=(30, 60)
+)
 
 
 class Clock:
@@ -147,7 +150,7 @@ def sae_dir(root: Path, variant: str) -> Path:
     return root / "sae" if variant == "paper" else root / f"sae-{variant}"
 
 
-def base_model(args: argparse.Namespace, root: Path, seed: int) -> str:
+def base_model(args: argparse.Namespace, root: Path, seed: int, sizes: Sizes) -> str:
     """The model spec every arm of this seed starts from: tiny, --base's folder, or the demo VLM
     fitted on this seed's corpus (built through fit-vlm when missing)."""
     if args.model == "tiny":
@@ -161,11 +164,11 @@ def base_model(args: argparse.Namespace, root: Path, seed: int) -> str:
         return str(folder.resolve())
     folder = root / "vlm"
     if not (folder / "config.json").is_file():
-        fit_base(root, folder, seed)
+        fit_base(root, folder, seed, sizes.vlm_steps)
     return str(folder.resolve())
 
 
-def fit_base(root: Path, folder: Path, seed: int) -> None:
+def fit_base(root: Path, folder: Path, seed: int, steps: tuple[int, int] | None) -> None:
     """The demo VLM on this seed's synth corpus: the `fit-vlm` stage when registered, else its core."""
     from misp_dpo.pipelines.stages import STAGES
 
@@ -175,12 +178,14 @@ def fit_base(root: Path, folder: Path, seed: int) -> None:
         stage = STAGES["fit-vlm"]
         names = {f.name for f in dataclasses.fields(stage.config)}
         given: dict[str, Any] = {"corpus": root / "synth", "clip": root / "clip", "out": folder, "seed": seed}
+        if steps is not None:
+            given |= {"tower_steps": steps[0], "steps": steps[1]}
         run_stage(stage, stage.config(**{k: v for k, v in given.items() if k in names}), RunOptions())
         return
     from misp_dpo.embed import synth
     from misp_dpo.eval.fit_vlm import FitVlmConfig, clip_teacher, fit_vlm, read_corpus, save_vlm
 
-    cfg = FitVlmConfig(seed=seed)
+    cfg = FitVlmConfig(seed=seed, **({"tower_steps": steps[0], "steps": steps[1]} if steps else {}))
     data = read_corpus(root / "synth")
     teacher = clip_teacher(root / "clip", data.pixels, synth.IMAGE_SIZE // cfg.patch_size)
     save_vlm(fit_vlm(data, cfg, teacher), folder)
@@ -470,7 +475,7 @@ def run_seed(
     prepare(root, seed, sizes, {ARMS[a].sae for a in arms}, stages)
     clock.add("world (synth, clip, embed, candidates, sae)", started)
     started = time.perf_counter()
-    spec = base_model(args, root, seed)
+    spec = base_model(args, root, seed, sizes)
     clock.add("base VLM", started)
     probes, pairs = held_out(root / "synth", sizes)
     results: dict[str, dict[str, Any]] = {}
@@ -681,7 +686,7 @@ def main() -> None:
         "--corrupt", choices=("crop", "noise"), default="crop", help="the corrupted-image negative"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 seed, tiny sizes, few steps, tiny model"
+        "--quick", action="store_true", help="smoke run: 1 seed, tiny sizes, few steps (a barely fitted VLM)"
     )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -689,8 +694,6 @@ def main() -> None:
     sizes = dataclasses.replace(sizes, **changes)
     if args.quick:
         args.seeds = args.seeds if args.seeds != "0,1,2" else "0"
-        if args.model == "fitted" and not args.base:
-            args.model = "tiny"
     args.root = args.root or ROOT / ("runs/downstream-quick" if args.quick else "runs/downstream")
     args.out = args.out or ROOT / (
         "bench/results/downstream-quick" if args.quick else "bench/results/downstream"
