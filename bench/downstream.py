@@ -185,7 +185,9 @@ def fit_base(root: Path, folder: Path, seed: int, steps: tuple[int, int] | None)
     from misp_dpo.embed import synth
     from misp_dpo.eval.fit_vlm import FitVlmConfig, clip_teacher, fit_vlm, read_corpus, save_vlm
 
-    cfg = FitVlmConfig(seed=seed, **({"tower_steps": steps[0], "steps": steps[1]} if steps else {}))
+    cfg = FitVlmConfig(seed=seed)
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, tower_steps=steps[0], steps=steps[1])
     data = read_corpus(root / "synth")
     teacher = clip_teacher(root / "clip", data.pixels, synth.IMAGE_SIZE // cfg.patch_size)
     save_vlm(fit_vlm(data, cfg, teacher), folder)
