@@ -99,7 +99,10 @@ class Sizes:
     vlm_steps: tuple[int, int] | None = None  # fit-vlm (tower_steps, steps); None: fit-vlm's defaults
 
 
-FULL = Sizes(n=None, heldout=None, clip_steps=None, sae_epochs=None, steps=150, batch=4, probes=1500, pairs=0)
+# Sized for about 90 minutes on 2 idle cores (estimated, per seed: world 5 min, fit-vlm <= 10, mining 1.5,
+# 7 trainings of 100 steps x 4 pairs ~0.4 s a step + reference pass ~7, 8 evaluations of 4,500 probes and
+# 200 held-out pairs ~8); --base with already fitted VLMs saves the fit.
+FULL = Sizes(n=None, heldout=None, clip_steps=None, sae_epochs=None, steps=100, batch=4, probes=1500, pairs=0)
 QUICK = Sizes(
     n=400, heldout=20, clip_steps=40, sae_epochs=2, steps=6, batch=2, probes=60, pairs=30, vlm_steps=(30, 60)
 )
