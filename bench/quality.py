@@ -393,7 +393,13 @@ def main() -> None:
     print("\ntuning seeds: families by mean worst margin over H (FN-violating or unreached: -inf)")
     for family in ranked:
         print(f"  {family:42s} {scores[family]:+.3f}")
-    print(f"chosen on tuning seeds: {best}, relevance {relevance:g} (hardness closest to 1.6)")
+    if scores and max(scores.values()) > -np.inf:
+        print(f"chosen on tuning seeds: {best}, relevance {relevance:g} (hardness closest to 1.6)")
+    else:
+        print(
+            "no family reaches every H with FN within the limit on the tuning seeds: no choice made "
+            f"(the tables below show {best} for reference)"
+        )
     shown = list(dict.fromkeys([best, PAPER_FAMILY, *ranked[:3]]))
     print_table("tuning seeds", tuning, shown)
     report = dict(run_seeds(args, seeds_of(args.report)))
