@@ -42,7 +42,8 @@ WARMUP_SHARE = 0.05
 
 @dataclass(frozen=True, kw_only=True)
 class FitVlmConfig:
-    """How the demo VLM is fitted (the defaults take about N minutes on 2 CPU cores)."""
+    """How the demo VLM is fitted. The defaults were timed only on a shared, overloaded 2-core
+    machine (one torch thread): tower 900 steps ~14 min, language 900 steps ~10 min."""
 
     seed: int = option(0, "random seed of the initialisation, the held-out split and the batches")
     tower_steps: int = option(900, "optimiser steps of phase 1 (the vision tower on attribute labels)")
