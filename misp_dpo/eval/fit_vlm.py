@@ -359,7 +359,7 @@ def logits_from_tokens(
     hidden = model.model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        past_key_values=cache,  # the name transformers 4.x knows too (5.x warns, still honours it)
         use_cache=cache is not None,
     ).last_hidden_state
     return model.lm_head(hidden)

@@ -53,7 +53,6 @@ def test_config_rejects_bad_values() -> None:
         FitVlmConfig(steps=-1)
 
 
-@pytest.mark.slow
 def test_saved_folder_loads_with_auto_classes_and_generates(tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -96,7 +95,6 @@ def test_forward_on_cached_tokens_equals_llava_forward() -> None:
     assert inputs["input_ids"].tolist() == ids.tolist()
 
 
-@pytest.mark.slow
 def test_fit_is_deterministic_for_a_seed_and_trains() -> None:
     data = _data(24)
     first = fit_vlm.fit_vlm(data, FitVlmConfig(**TINY))
