@@ -5,13 +5,16 @@ language model on a frozen distilled tower trained on yes/no answers alone. So t
 two phases, both cheap:
 
 1. The vision tower (a `CLIPVisionModel`) learns to see: linear heads on its last-layer CLS token
-   classify every attribute of the world (known in training), and, given the demo CLIP, a linear
-   map of the same token regresses the CLIP image embedding (cosine), so the tower also carries
-   what the mining stages saw.
+   classify every attribute of the world (known in training), and, given the demo CLIP, linear
+   maps regress its image embedding from the CLS token and its third-stage feature map from the
+   patch tokens (cosine), a local signal of where and what the shape is.
 2. The tower is frozen and its last-layer tokens are computed once for every training image; the
    projector and the language model then train on those cached tokens (the same computation as
    LLaVA's forward, without re-running the tower every step), on a mix of yes/no questions and the
-   corpus's descriptive answers, whose attribute words teach the projector what the tokens mean.
+   corpus's descriptive answers. Yes/no answers state the attribute first ("The shape is blue, so
+   no."): comparing a word just said with the question's word is what a small decoder learns fast,
+   where a bare "Yes"/"No" sat at chance for hundreds of steps. Escaping that plateau is still not
+   robust: the same recipe at other step counts or question shares stayed at chance.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
