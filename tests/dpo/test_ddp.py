@@ -35,7 +35,13 @@ def test_two_gloo_processes_match_one_on_the_global_batch(negatives8: Path, tmp_
     grads, metrics = first_step(negatives8, batch_size=4, sample_negatives=sample_negatives)  # one process
     assert set(ddp["grads"]) == set(grads) and grads
     for name, grad in grads.items():
-        assert torch.allclose(ddp["grads"][name], grad, rtol=1e-4, atol=1e-7), name
+        # float32 all-reduce sums in another order: tolerance relative to the tensor's own scale
+        scale = grad.abs().max().item()
+        assert torch.allclose(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6 * scale), (
+            name,
+            (ddp["grads"][name] - grad).abs().max().item(),
+            scale,
+        )
     assert any(g.abs().max() > 0 for g in grads.values())
     assert ddp["metrics"] == pytest.approx(metrics, rel=1e-5, abs=1e-7)
 

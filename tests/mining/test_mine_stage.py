@@ -221,6 +221,7 @@ def test_cli_prints_the_clip_refusal_as_one_line(
 
     other = dict(inputs.embeddings.meta["clip"], model="ViT-L-14", fingerprint="openai-weights")
     sae = write_random_sae(tmp_path / "other-sae", other)
+    capsys.readouterr()  # the fixture's own log lines are not the CLI's output
     args = [
         "mine",
         "--candidates",
