@@ -1,4 +1,4 @@
-"""Downstream benchmark: the paper's table in miniature on the demo world (issue 13, DESIGN §6).
+"""Downstream benchmark: the paper's table in miniature on the demo world (issue 13, docs/method.md).
 
     .venv/bin/python bench/downstream.py                  # the core table, 3 seeds (see --help)
     .venv/bin/python bench/downstream.py --arms misp,misp-topk,misp-is,misp-l,misp-v,misp-bdiv0,n1,n5

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ LogFormat = Literal["auto", "text", "json"]
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds")
+        stamp = datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
         payload: dict[str, Any] = {
             "time": stamp.replace("+00:00", "Z"),
             "level": record.levelname.lower(),

@@ -1,4 +1,4 @@
-"""Imports go one way: cores <- stage contract <- stages <- runtime <- cli (DESIGN §2, STYLE 16).
+"""Imports go one way: cores <- stage contract <- stages <- runtime <- cli (README: "How it works").
 
 Every module of the package is parsed with `ast`, function-local and `TYPE_CHECKING` imports
 included, so a lazy import cannot hide a wrong-way dependency. The checker is shown to catch a

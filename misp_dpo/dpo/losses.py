@@ -1,4 +1,4 @@
-"""The MISP-DPO objective in plain torch (DESIGN §6 "Trainer"; notes/paper.md §2.2-2.5).
+"""The MISP-DPO objective in plain torch (docs/method.md §4).
 
 Every term takes implicit rewards h(m) = log pi_theta(y|x,m) - log pi_ref(y|x,m), one per sequence:
 

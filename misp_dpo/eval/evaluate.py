@@ -1,7 +1,7 @@
 """One evaluation: the base model, then (given an adapter) the trained one, on the same probes and pairs.
 
 `evaluate` is the core's entry point: Arrow probes and a held-out preference table in, the metrics
-(`{"models": {"base": {...}, "trained": {...}}}`, DESIGN §5) and the answers table out. Every probe
+(`{"models": {"base": {...}, "trained": {...}}}`, docs/method.md §5) and the answers table out. Every probe
 gets a row per model; a probe whose image cannot be read keeps its row with `error` set (counted in
 its split's `failures`, outside `n`), so any figure can be recomputed from the answers alone.
 """

@@ -1,6 +1,6 @@
 """POPE probe tables in, one Arrow table out: our format, the public POPE files, the merged form.
 
-- ours (DESIGN §5, JSONL / Parquet / CSV): `image`, `question`, `label` (yes|no), `category`
+- ours (docs/method.md §5, JSONL / Parquet / CSV): `image`, `question`, `label` (yes|no), `category`
   (random|popular|adversarial), optional `attribute` and `id`;
 - the public `coco_pope_{split}.json` files as they are: JSON lines with `question_id`, `image` (a
   COCO file name), `text` (the question) and `label`, one split a file;

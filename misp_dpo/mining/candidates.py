@@ -1,6 +1,6 @@
 """Each pair's candidate pool: nearest corpus images to the positive and to the prompt, filtered.
 
-For a batch of pairs (DESIGN §6, "Candidates"):
+For a batch of pairs (docs/method.md §1):
 
 1. retrieve the `pool + headroom` nearest corpus images to the positive image embedding, and as
    many to the prompt embedding (one FAISS search of both query sets; none when `prompt_share` is

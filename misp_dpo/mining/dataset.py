@@ -1,4 +1,4 @@
-"""The published dataset's rows (DESIGN §5 `negatives/`), built column-wise from a selection.
+"""The published dataset's rows (docs/method.md §5 `negatives/`), built column-wise from a selection.
 
 Listwise: one row per pair with a `negatives` list in pick order. Pairwise: one row per (positive,
 negative) for trainers that take a single rejected image. Both are assembled from flat numpy

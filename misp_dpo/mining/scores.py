@@ -1,4 +1,4 @@
-"""The MISP scores of a candidate pool (DESIGN §6, "Scores") and the proposal distribution q.
+"""The MISP scores of a candidate pool (docs/method.md §3) and the proposal distribution q.
 
 Arrays are (P, K) blocks: P pairs, each with a pool padded to K candidates, `mask` False on padding.
 Every reduction over "the pool" is a masked reduction over axis 1, so padding never wins a max

@@ -1,4 +1,4 @@
-"""Greedy diverse selection (the paper's Algorithm 1, DESIGN §6), batched over pairs.
+"""Greedy diverse selection (the paper's Algorithm 1, docs/method.md), batched over pairs.
 
     S = {};  repeat N times:  S += argmax_{i not in S}  s_i + beta_div * min_{j in S} (1 - cos(f_i, f_j))
 

@@ -1,4 +1,4 @@
-"""The selection strategies, one code path (DESIGN §6): each is a ranking key, a diversity space and q.
+"""The selection strategies, one code path (docs/method.md): each is a ranking key, a diversity space and q.
 
 | strategy       | s_i (`score` field)            | diversity f_i           | beta_div   | `proposal` q_i    |
 |----------------|--------------------------------|-------------------------|------------|-------------------|

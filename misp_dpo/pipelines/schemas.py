@@ -57,7 +57,7 @@ def synth_attributes(attribute_names: list[str]) -> pa.Schema:
     return _named("synth_attributes", 1, fields)
 
 
-# The demo world's POPE probes on its held-out images (DESIGN §5 "probes"; image relative to the table).
+# The demo world's POPE probes on its held-out images (docs/method.md §5 "probes").
 SYNTH_PROBES = _named(
     "synth_probes",
     1,
@@ -185,7 +185,7 @@ NEGATIVES_PAIRWISE = _named(
     ],
 )
 
-# Reference log-probs, computed once before training (DESIGN §6, "Trainer").
+# Reference log-probs, computed once before training (docs/method.md §4).
 REFERENCE_LOGPS = _named(
     "reference_logps",
     1,

@@ -1,4 +1,4 @@
-"""What a stage needs: the Stage / Plan / TaskContext contract every stage implements (DESIGN §4).
+"""What a stage needs: the Stage / Plan / TaskContext contract every stage implements.
 
 A stage is a `Stage`: `plan` validates the inputs and describes the work before anything runs,
 `run_task` does task *i* of *n* through a `TaskContext` (which owns shard writers, counts and

@@ -1,4 +1,4 @@
-"""The sparse autoencoders (DESIGN §6): the paper's fused-difference SAE and a TopK variant.
+"""The sparse autoencoders (docs/method.md): the paper's fused-difference SAE and a TopK variant.
 
 Mining uses `load_sae(folder).encode_pools(...)`; the `sae` stage trains through `train_sae`.
 """

@@ -1,7 +1,7 @@
 """Held-out metrics of a trained SAE, accumulated in float64 over a stream of batches.
 
 FVU is mean-centred: Σ‖x − x̂‖² / Σ‖x − x̄‖² with x̄ the held-out mean, computed as
-SST = Σ‖x‖² − ‖Σx‖²/N (notes/sae-and-dpo-prior-art.md §A2; not OpenAI's per-sample ‖x‖² form).
+SST = Σ‖x‖² − ‖Σx‖²/N (saev normalized-mse; not OpenAI's per-sample ‖x‖² form).
 For the paper variant x is the fused difference d and Σd = Σ_pairs (Σ_candidates Δv) tᵀ.
 
 A latent is *active* on a sample when its code exceeds the threshold (topk: > 0, the sample's

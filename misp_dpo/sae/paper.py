@@ -1,7 +1,7 @@
 """The paper's SAE on fused differences d = vec(Δv tᵀ), Δv = v(m_p) − v(m_c), without materialising d.
 
 d has D² entries (262 144 at D = 512), but it is rank one, so every quantity the model needs is a
-bilinear form in (Δv, t) (DESIGN §6):
+bilinear form in (Δv, t) (docs/method.md):
 
 - encoder: pre_k = ⟨W_k, Δv tᵀ⟩ + b_k = Δvᵀ W_k t + b_k, with W_k the k-th encoder row as a D×D matrix;
 - reconstruction d̂ = Σ_k z_k M_k + B (M_k the k-th decoder column as D×D, B the decoder bias), so

@@ -1,7 +1,7 @@
 """One pass over the training items before training: sample count, data mean and input scale.
 
 The mean initialises b_dec (CLIP embeddings share a large common direction; starting the decoder
-bias there keeps latents from dying at step 0, notes/sae-and-dpo-prior-art.md §5) and the scale
+bias there keeps latents from dying at step 0) and the scale
 makes the mean-centred energy E‖scale·(x − x̄)‖² equal to 1, so the losses of different CLIP models
 and datasets are on one footing. For the paper variant x is the fused difference d = vec(Δv tᵀ):
 its mean Σ Δv tᵀ / n is accumulated as Σ_pairs (Σ_candidates Δv) tᵀ, never per sample. Sums are

@@ -1,8 +1,8 @@
-"""TopK SAE on image embeddings (DESIGN §6 [ours]; Gao et al. 2024, "Scaling and evaluating SAEs").
+"""TopK SAE on image embeddings (docs/method.md [ours]; Gao et al. 2024, "Scaling and evaluating SAEs").
 
 z = ReLU(TopK(W_enc (x − b_dec) + b_enc)) with a per-sample k, x̂ = W_decᵀ z + b_dec, unit-norm decoder
 rows, and the AuxK loss that lets dead latents learn from the residual. The AuxK details follow
-the bugs other libraries fixed (notes/sae-and-dpo-prior-art.md §A5): the residual is detached, the
+the bugs other libraries fixed (sparsify PR #134, SAELens PR #432): the residual is detached, the
 auxiliary reconstruction has no b_dec (sparsify PR #134), it is normalised by the same total
 variance as the main FVU (dictionary_learning PR #36), and k_aux comes from d_in (SAELens PR #432).
 """

@@ -14,11 +14,10 @@ generated sbatch scripts (see `misp_dpo.pipelines.runtime.slurm`).
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from misp_dpo.config import build_config, flat_fields
 from misp_dpo.errors import UserError

@@ -1,6 +1,6 @@
 """The stage runner: resume, refusing a changed config, the failure-rate check and the manifest.
 
-The runner owns what is around a stage's tasks (DESIGN §4): which tasks are already complete, atomic
+The runner owns what is around a stage's tasks: which tasks are already complete, atomic
 stats files as completion markers, refusing a changed config, the failure-rate check and the
 manifest, written last. It never names a concrete stage: callers pass the `Stage` to run.
 """

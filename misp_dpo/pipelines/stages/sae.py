@@ -1,4 +1,4 @@
-"""`misp-dpo sae`: train the SAE that mining scores candidates with (DESIGN §6), one task.
+"""`misp-dpo sae`: train the SAE that mining scores candidates with (docs/method.md), one task.
 
 Reads `candidates/` and, through its manifest, the embeddings; hands the core (`misp_dpo.sae`) a
 `Dataset` that streams pool batches (paper: pairs with their candidates) or images (topk) by

@@ -1,4 +1,4 @@
-"""`misp-dpo train`: a single-task stage that trains a VLM on a `negatives/` dataset (DESIGN §6).
+"""`misp-dpo train`: a single-task stage that trains a VLM on a `negatives/` dataset (docs/method.md).
 
 The task reads the dataset, loads the policy, computes (or reuses) the reference log-probs cache,
 trains with the cores in `misp_dpo.dpo`, and writes `adapter/` (safetensors), `metrics.jsonl` and
