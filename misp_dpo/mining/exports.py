@@ -1,4 +1,4 @@
-"""Rows that other trainers load as they are: ms-swift's DPO rows and TRL's vision DPO columns.
+"""Rows by format: `publish_batch` (the publish entry point) and the rows other trainers load as they are.
 
 ms-swift (docs/source_en/Customization/Custom-dataset.md, "RLHF" and "Multimodal", ms-swift 4.6.0.dev0
 at commit 3602360a; the same text since 3.8): `messages` (user turn with an `<image>` tag, then
@@ -24,8 +24,13 @@ from misp_dpo.mining.publish import (
     HF_IMAGE,
     IMAGE,
     BatchImages,
+    Published,
+    PublishSettings,
+    ReadImage,
     hf_list,
+    hf_rows,
     hf_value,
+    read_batch_images,
     with_features,
 )
 
@@ -163,3 +168,20 @@ def trl_rows(batch: BatchImages) -> dict[str, pa.Table]:
         schema=TRL_ROWS,
     )
     return {"train": rows}
+
+
+def publish_batch(batch: pa.Table, read: ReadImage, settings: PublishSettings) -> Published:
+    """The entry point: a `negatives` batch as the rows of `settings.format`, by shard prefix."""
+    images = read_batch_images(batch, read)
+    counts = {"items": len(images.images.cells), "dropped_pairs": images.dropped}
+    if settings.format == "hf":
+        tables = {"train": hf_rows(images)}
+    elif settings.format == "swift":
+        tables = swift_rows(images)
+    else:
+        tables = trl_rows(images)
+        counts["pairs_without_rejected_text"] = images.table.num_rows - tables["train"].num_rows
+    counts["rows"] = sum(t.num_rows for t in tables.values())
+    counts["num_bytes"] = sum(t.nbytes for t in tables.values())  # the card's split size, as datasets counts
+    counts["pairs"] = images.table.num_rows
+    return Published(tables, counts, images.images.failures)

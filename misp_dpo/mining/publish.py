@@ -200,22 +200,3 @@ def hf_rows(batch: BatchImages) -> pa.Table:
         },
         schema=HF_ROWS,
     )
-
-
-def publish_batch(batch: pa.Table, read: ReadImage, settings: PublishSettings) -> Published:
-    """The entry point: a `negatives` batch as the rows of `settings.format`, by shard prefix."""
-    from misp_dpo.mining.exports import swift_rows, trl_rows
-
-    images = read_batch_images(batch, read)
-    counts = {"items": len(images.images.cells), "dropped_pairs": images.dropped}
-    if settings.format == "hf":
-        tables = {"train": hf_rows(images)}
-    elif settings.format == "swift":
-        tables = swift_rows(images)
-    else:
-        tables = trl_rows(images)
-        counts["pairs_without_rejected_text"] = images.table.num_rows - tables["train"].num_rows
-    counts["rows"] = sum(t.num_rows for t in tables.values())
-    counts["num_bytes"] = sum(t.nbytes for t in tables.values())  # the card's split size, as datasets counts
-    counts["pairs"] = images.table.num_rows
-    return Published(tables, counts, images.images.failures)

@@ -13,8 +13,8 @@ import pytest
 
 from misp_dpo.image_uris import read_uri
 from misp_dpo.mining.card import CardFacts, card_text, yaml_features
-from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS
-from misp_dpo.mining.publish import HF_ROWS, PublishSettings, publish_batch
+from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS, publish_batch
+from misp_dpo.mining.publish import HF_ROWS, PublishSettings
 from tests.publish.fixtures import negatives_table
 
 ABSOLUTE = re.compile(rb"(?<![\w.])/(?:home|tmp|work|root|usr|var|mnt|Users)/|file:/|[A-Za-z]:\\\\")

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from misp_dpo.image_uris import read_uri
-from misp_dpo.mining.publish import PublishSettings, publish_batch
+from misp_dpo.mining.exports import publish_batch
+from misp_dpo.mining.publish import PublishSettings
 from tests.publish.fixtures import negatives_table
 
 # The documented rows (Custom-dataset.md, "RLHF"): an image negative, and a text negative whose

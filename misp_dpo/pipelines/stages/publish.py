@@ -1,7 +1,7 @@
 """`misp-dpo publish NEGATIVES --out DIR`: a Hub-ready folder with the images embedded.
 
 Task t of T reads global rows `task_rows(P, t, T)` of the negatives, the core
-(`misp_dpo.mining.publish.publish_batch`) reads and checks their images and builds the rows, and
+(`misp_dpo.mining.exports.publish_batch`) reads and checks their images and builds the rows, and
 the task writes `data/PREFIX-0000t.parquet`; `finalize` writes the card and its histograms
 (`misp_dpo.mining.hub`) and, with `--repo-id`, uploads the folder.
 """
@@ -19,9 +19,9 @@ from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.log import log_event
 from misp_dpo.mining.card import dataset_name, portable
-from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS
+from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS, publish_batch
 from misp_dpo.mining.hub import DATA_DIR, SHARD_PREFIXES, hub_card, upload
-from misp_dpo.mining.publish import HF_ROWS, PublishSettings, publish_batch
+from misp_dpo.mining.publish import HF_ROWS, PublishSettings
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import atomic_path, iter_row_range, task_rows
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
