@@ -75,6 +75,7 @@ def role_generate(args: argparse.Namespace) -> dict:
 
 
 def role_stage(args: argparse.Namespace) -> dict:
+    from misp_dpo.mining.candidates import PoolSettings
     from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
     from misp_dpo.pipelines.stages.candidates import CandidatesConfig, CandidatesStage
 
@@ -83,9 +84,7 @@ def role_stage(args: argparse.Namespace) -> dict:
     cfg = CandidatesConfig(
         embeddings=corpus_dir(args),
         out=out,
-        pool=args.pool,
-        headroom=HEADROOM,
-        prompt_share=args.prompt_share,
+        pools=PoolSettings(pool=args.pool, headroom=HEADROOM, prompt_share=args.prompt_share),
     )
     started, cpu = time.perf_counter(), cpu_seconds()
     manifest = run_stage(CandidatesStage(), cfg, RunOptions())
@@ -175,9 +174,9 @@ def role_st(args: argparse.Namespace) -> dict:
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
     store, _, _ = _store_and_queries(args)
+    from misp_dpo.mining.candidates import PoolSettings
     from misp_dpo.pipelines.embeddings import read_embeddings
     from misp_dpo.pipelines.io import read_table
-    from misp_dpo.pipelines.stages.candidates import CandidatesConfig
 
     manifest, _ = read_embeddings(corpus_dir(args))
     pair_rows = store.rows(read_table(manifest.shard_paths("pairs"), ["image_id"]).column(0))
@@ -197,7 +196,7 @@ def role_st(args: argparse.Namespace) -> dict:
         corpus=names,
         range_max=args.pool + HEADROOM,
         num_negatives=args.pool,
-        absolute_margin=1 - CandidatesConfig.dup_threshold,  # anchor = positive: its near-duplicates
+        absolute_margin=1 - PoolSettings().dup_threshold,  # anchor = positive: its near-duplicates
         output_format="labeled-list",
         batch_size=16384,
         use_faiss=True,

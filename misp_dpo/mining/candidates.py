@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from misp_dpo.config import option
+
 # Re-encoding one picture moves its embedding by ~1e-6 in squared distance (bf16 arithmetic,
 # float16 storage); the closest distinct images of the demo's tiny CLIP are 3e-5 apart.
 IDENTICAL_DISTANCE2 = 1e-5
@@ -44,7 +46,7 @@ FILTERS = ("self", "duplicate", "near_duplicate", "false_negative")
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PoolSettings:
     """Pool size and filter thresholds (see the module docstring for what each does).
 
@@ -57,12 +59,22 @@ class PoolSettings:
     the demo's own CLIP takes 0.05 (0.16% left), real CLIP models' narrower spread wants less.
     """
 
-    pool: int = 64
-    headroom: int = 16
-    prompt_share: float = 0.25
-    dup_threshold: float = 0.99
-    margin: float = 0.01
-    min_pool: int = 8
+    pool: int = option(64, "candidates kept per pair after filtering, ranked by similarity to the positive")
+    headroom: int = option(
+        16, "extra neighbours retrieved per query beyond --pool, so filtering leaves it full"
+    )
+    prompt_share: float = option(
+        0.25, "share of the pool filled by the survivors most similar to the prompt (the rest: to the image)"
+    )
+    dup_threshold: float = option(
+        0.99, "drop near-duplicates: cosine to the positive image >= this (values above 1 turn it off)"
+    )
+    margin: float = option(
+        0.01,
+        "drop likely false negatives: cosine to the chosen response >= the positive's minus this "
+        "(larger drops more; -2 turns it off)",
+    )
+    min_pool: int = option(8, "pairs left with fewer candidates are counted (small_pools) and reported")
 
     def __post_init__(self) -> None:
         if self.pool < 1 or self.headroom < 0 or not 0 <= self.min_pool <= self.pool:
@@ -72,6 +84,10 @@ class PoolSettings:
             )
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError(f"prompt_share must be in [0, 1], got {self.prompt_share}")
+        if not 0.0 < self.dup_threshold <= 2.0:
+            raise ValueError(f"dup_threshold must be in (0, 2], got {self.dup_threshold}")
+        if not -2.0 <= self.margin <= 2.0:
+            raise ValueError(f"margin must be in [-2, 2], got {self.margin}")
 
     @property
     def k(self) -> int:

@@ -7,7 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
+from misp_dpo.mining.candidates import PoolSettings
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings, upstream_embeddings
 from misp_dpo.pipelines.io import numpy_to_vectors, read_table
@@ -38,9 +40,8 @@ def embeddings(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
 
 
 def run(embeddings: Path, out: Path, opts: RunOptions | None = None, **fields: object) -> Manifest:
-    cfg = CandidatesConfig(
-        embeddings=embeddings, out=out, **{"tasks": 3, "pool": 12, "headroom": 6, **fields}
-    )
+    values = {"embeddings": embeddings, "out": out, "tasks": 3, "pool": 12, "headroom": 6, **fields}
+    cfg = build_config(CandidatesConfig, values, "test flags")
     manifest = run_stage(CandidatesStage(), cfg, opts or RunOptions())
     assert manifest is not None
     return manifest
@@ -59,7 +60,7 @@ def test_one_filtered_ranked_pool_per_pair_in_order(embeddings: Manifest, tmp_pa
         assert [c["rank"] for c in pool] == list(range(len(pool)))
         assert row["image_id"] not in {c["image_id"] for c in pool}
         sims = [c["sim_image"] for c in pool]
-        assert sims == sorted(sims, reverse=True) and max(sims) < CandidatesConfig.dup_threshold
+        assert sims == sorted(sims, reverse=True) and max(sims) < PoolSettings().dup_threshold
         positive = store.vectors[store.rows(pa.array([row["image_id"]]))[0]].astype(np.float32)
         ids = pa.array([c["image_id"] for c in pool])
         np.testing.assert_allclose(
@@ -207,8 +208,8 @@ def test_config_checks_name_the_fields(tmp_path: Path) -> None:
         ({"max_index_memory": "lots"}, "max_index_memory"),
         ({"nprobe": -1}, "nprobe"),
     ]:
-        with pytest.raises(ValueError, match=message):
-            CandidatesConfig(embeddings=tmp_path, out=tmp_path, **fields)
+        with pytest.raises(UserError, match=message):
+            build_config(CandidatesConfig, {"embeddings": tmp_path, "out": tmp_path, **fields}, "flags")
 
 
 def test_small_pools_are_counted(embeddings: Manifest, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines.runtime.ray_executor import actor_shape, import_ray
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
@@ -103,7 +104,9 @@ def test_candidates_on_ray_are_byte_identical_to_local(ray_cpu: ModuleType, tmp_
     embeddings = write_embeddings(tmp_path / "emb", images, pair_rows, prompts, images[pair_rows], tasks=2)
     outputs = {}
     for name, opts in {"local": RunOptions(), "ray": RAY}.items():
-        cfg = CandidatesConfig(embeddings=embeddings.root, out=tmp_path / name, tasks=4, pool=10, headroom=4)
+        values = {"embeddings": embeddings.root, "out": tmp_path / name, "tasks": 4}
+        values |= {"pool": 10, "headroom": 4}
+        cfg = build_config(CandidatesConfig, values, "test flags")
         assert run_stage(CandidatesStage(), cfg, opts) is not None
         outputs[name] = digest(cfg.out)
     assert sorted(outputs["ray"]) == sorted(outputs["local"])

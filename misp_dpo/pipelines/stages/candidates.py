@@ -52,29 +52,7 @@ class CandidatesConfig(ShardedConfig):
         help="an `embed` output folder (images-*, pairs-*, manifest.json)", hashed=False
     )
     out: Path = option(help="output folder for candidates-NNNNN.parquet", hashed=False)
-    pool: int = option(
-        PoolSettings.pool, "candidates kept per pair after filtering, ranked by similarity to the positive"
-    )
-    headroom: int = option(
-        PoolSettings.headroom,
-        "extra neighbours retrieved per query beyond --pool, so filtering leaves it full",
-    )
-    prompt_share: float = option(
-        PoolSettings.prompt_share,
-        "share of the pool filled by the survivors most similar to the prompt (the rest: to the image)",
-    )
-    dup_threshold: float = option(
-        PoolSettings.dup_threshold,
-        "drop near-duplicates: cosine to the positive image >= this (values above 1 turn it off)",
-    )
-    margin: float = option(
-        PoolSettings.margin,
-        "drop likely false negatives: cosine to the chosen response >= the positive's minus this "
-        "(larger drops more; -2 turns it off)",
-    )
-    min_pool: int = option(
-        PoolSettings.min_pool, "pairs left with fewer candidates are counted (small_pools) and reported"
-    )
+    pools: PoolSettings = option(PoolSettings(), "pool size and filter thresholds")
     index: str = option(
         "auto", "auto (exact until --max-index-memory, IVF above), flat, or a FAISS factory string"
     )
@@ -104,24 +82,9 @@ class CandidatesConfig(ShardedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.settings()  # pool, headroom, prompt_share, min_pool
         parse_memory(self.max_index_memory)
-        if not 0.0 < self.dup_threshold <= 2.0:
-            raise ValueError(f"dup_threshold must be in (0, 2], got {self.dup_threshold}")
-        if not -2.0 <= self.margin <= 2.0:
-            raise ValueError(f"margin must be in [-2, 2], got {self.margin}")
         if self.nprobe < 0 or self.batch_size < 1:
             raise ValueError(f"need nprobe >= 0 and batch_size >= 1, got {self.nprobe}, {self.batch_size}")
-
-    def settings(self) -> PoolSettings:
-        return PoolSettings(
-            pool=self.pool,
-            headroom=self.headroom,
-            prompt_share=self.prompt_share,
-            dup_threshold=self.dup_threshold,
-            margin=self.margin,
-            min_pool=self.min_pool,
-        )
 
 
 @dataclass(frozen=True)
@@ -147,14 +110,14 @@ class CandidatesStage(Stage[CandidatesConfig]):
         spec = choose_index(images, clip.dim, parse_memory(cfg.max_index_memory), cfg.index, cfg.nprobe)
         faiss = import_faiss()
         if cfg.device == "cuda":
-            resolve_device(cfg.device, faiss.get_num_gpus(), cfg.settings().k)
+            resolve_device(cfg.device, faiss.get_num_gpus(), cfg.pools.k)
         inputs = {"embeddings": manifest_hash(embeddings.root)}
         key = index_key(inputs["embeddings"], spec, cfg.seed)
         meta = {
             "clip": embeddings.meta["clip"],
             "embeddings_dir": str(embeddings.root.resolve()),
             "index": spec.as_meta(),
-            "pool": cfg.pool,
+            "pool": cfg.pools.pool,
             "pairs": embeddings.rows("pairs"),
         }
         return Plan(num_tasks=cfg.tasks, inputs=inputs, meta=meta, work=CandidatesWork(spec, key))
@@ -163,7 +126,7 @@ class CandidatesStage(Stage[CandidatesConfig]):
         embeddings, _ = read_embeddings(cfg.embeddings)
         paths, counts = pair_shards(embeddings)
         lo, hi = task_rows(sum(counts), ctx.task, ctx.num_tasks)
-        settings = cfg.settings()
+        settings = cfg.pools
         small: list[str] = []
         with ctx.writer("candidates", schemas.CANDIDATES) as writer:
             if hi > lo:
@@ -173,7 +136,7 @@ class CandidatesStage(Stage[CandidatesConfig]):
         if small:
             LOGGER.warning(
                 f"task {ctx.task}: {ctx.counts['small_pools']} pairs kept fewer than --min-pool "
-                f"{cfg.min_pool} candidates "
+                f"{cfg.pools.min_pool} candidates "
                 f"(e.g. {', '.join(small[:5])}); a larger corpus or looser filters would fill them"
             )
 
@@ -182,7 +145,8 @@ class CandidatesStage(Stage[CandidatesConfig]):
         if stats.get("small_pools"):
             LOGGER.warning(
                 f"candidates: {stats['small_pools']} of {stats.get('pairs', 0)} pairs have fewer than "
-                f"--min-pool {cfg.min_pool} candidates (stats key small_pools in {out / 'manifest.json'})"
+                f"--min-pool {cfg.pools.min_pool} candidates "
+                f"(stats key small_pools in {out / 'manifest.json'})"
             )
         return []
 
@@ -218,14 +182,14 @@ CORPUS: ProcessCache[tuple[ImageStore, Searcher]] = ProcessCache(size=1)  # shar
 
 def corpus(cfg: CandidatesConfig, embeddings: Manifest, work: CandidatesWork) -> tuple[ImageStore, Searcher]:
     """The image store and a ready searcher, loaded once per process and reused by its tasks."""
-    key = f"{work.index_key}:{cfg.device}:{cfg.gpu_layout}:{cfg.gpu_float16}:{cfg.settings().k}"
+    key = f"{work.index_key}:{cfg.device}:{cfg.gpu_layout}:{cfg.gpu_float16}:{cfg.pools.k}"
 
     def load() -> tuple[ImageStore, Searcher]:
         store = ImageStore.load(embeddings)
         pa.default_memory_pool().release_unused()  # parquet read buffers: peak RSS is store + index
         folder = cfg.index_dir if cfg.index_dir is not None else cfg.out / INDEX_DIR
         index = open_index(store.vectors, work.spec, cfg.seed, folder, work.index_key, cfg.save_index)
-        searcher = Searcher(index, work.spec, cfg.device, cfg.settings().k, cfg.gpu_layout, cfg.gpu_float16)
+        searcher = Searcher(index, work.spec, cfg.device, cfg.pools.k, cfg.gpu_layout, cfg.gpu_float16)
         return store, searcher
 
     return CORPUS.get(key, load)
