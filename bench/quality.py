@@ -52,7 +52,7 @@ from misp_dpo.log import configure_logging  # noqa: E402
 from misp_dpo.mining.attributes import AttributeTable, quality  # noqa: E402
 from misp_dpo.mining.scores import PoolCodes, encode  # noqa: E402
 from misp_dpo.mining.selection import clean_pool, pair_seeds  # noqa: E402
-from misp_dpo.mining.strategies import Pools, SelectionParams, select_negatives  # noqa: E402
+from misp_dpo.mining.strategies import SelectionParams, SelectionPools, select_negatives  # noqa: E402
 
 HARDNESS = (1.4, 1.6, 1.8)
 FN_LIMIT = 0.005
@@ -166,7 +166,9 @@ def measure(
     for b, batch in enumerate(world.batches):
         mask = world.masks[b]
         seeds = pair_seeds(batch.pairs.column("pair_id").to_pylist(), draw_seed)
-        pools = Pools(batch.positive, batch.candidates, mask, batch.sim_image, batch.sim_prompt, seeds)
+        pools = SelectionPools(
+            batch.positive, batch.candidates, mask, batch.sim_image, batch.sim_prompt, seeds
+        )
         codes = None
         if sae is not None:
             stored = world.codes[sae][b]

@@ -72,7 +72,7 @@ class Policy:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+def torch_device(device: str, local_rank: int = 0) -> torch.device:
     """The device of this process: under torchrun, GPU `local_rank` of the node."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
@@ -173,7 +173,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def load_policy(spec: str, cfg: ModelConfig, seed: int, local_rank: int = 0) -> Policy:
     """Load `spec` (hub id, local folder, or tiny), freeze the vision tower, add LoRA, move to device."""
-    device = resolve_device(cfg.device, local_rank)
+    device = torch_device(cfg.device, local_rank)
     dtype = resolve_dtype(cfg.precision, device)
     model, processor = _load_base(spec, dtype, seed)
     identity = {

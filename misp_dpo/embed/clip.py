@@ -194,7 +194,7 @@ def fetch_weights(description: ModelDescription) -> None:
         ) from None
 
 
-def resolve_device(device: Device) -> str:
+def clip_device(device: Device) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
     if device == "auto":

@@ -94,7 +94,7 @@ class PoolSettings:
         return self.pool + self.headroom
 
 
-class Pools(NamedTuple):
+class RetrievedPools(NamedTuple):
     """Pools of a batch of pairs, padded to `pool` columns; padding has row -1."""
 
     rows: np.ndarray  # (P, pool) int64 corpus rows in rank order
@@ -112,7 +112,7 @@ def build_pools(
     prompt: np.ndarray,
     chosen: np.ndarray,
     settings: PoolSettings,
-) -> Pools:
+) -> RetrievedPools:
     """Pools for pairs whose positive is corpus row `positive_rows[p]` (all rows must be valid).
 
     `search(queries, k)` returns (scores, ids) of the k nearest corpus rows, ids -1 when missing;
@@ -122,7 +122,7 @@ def build_pools(
     out = _empty(n_pairs, settings.pool)
     removed = dict.fromkeys(FILTERS, 0)
     if n_pairs == 0 or len(vectors) == 0:
-        return Pools(*out, removed=removed, retrieved=0)
+        return RetrievedPools(*out, removed=removed, retrieved=0)
     k = min(settings.k, len(vectors))
     positive = vectors[positive_rows].astype(np.float32)
     prompt = np.asarray(prompt, dtype=np.float32)
@@ -141,7 +141,7 @@ def build_pools(
             removed[name] += count
         picked = select_pool(union[part], sims[..., 0], sims[..., 1], keep, settings)
         _gather(out, part, union[part], sims, picked)
-    return Pools(*out, removed=removed, retrieved=int((union >= 0).sum()))
+    return RetrievedPools(*out, removed=removed, retrieved=int((union >= 0).sum()))
 
 
 def merge_neighbours(by_image: np.ndarray, by_prompt: np.ndarray) -> np.ndarray:

@@ -171,7 +171,7 @@ def load_index(path: Path) -> Any:
     return import_faiss().read_index(str(path))
 
 
-def resolve_device(device: Device, num_gpus: int, k: int) -> Literal["cpu", "cuda"]:
+def faiss_device(device: Device, num_gpus: int, k: int) -> Literal["cpu", "cuda"]:
     """Where to search: every GPU FAISS sees unless told otherwise, the CPU for k above GPU_MAX_K."""
     if device == "cuda" and num_gpus == 0:
         raise UserError(
@@ -208,7 +208,7 @@ class Searcher:
         faiss = import_faiss()
         self.on_gpu, self.layout = False, "cpu"
         gpus = faiss.get_num_gpus()
-        if resolve_device(device, gpus, k) == "cuda":
+        if faiss_device(device, gpus, k) == "cuda":
             placed = to_gpus(index, gpus, layout, float16)
             if placed is not None:
                 index, self.layout = placed

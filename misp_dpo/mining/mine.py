@@ -23,7 +23,7 @@ from misp_dpo.image_uris import relative_to
 from misp_dpo.mining.dataset import negatives_table, pairwise_table
 from misp_dpo.mining.scores import PoolCodes, PoolEncoder, encode
 from misp_dpo.mining.selection import clean_pool, pair_seeds
-from misp_dpo.mining.strategies import NEEDS_SEEDS, Mined, Pools, SelectionParams, select_negatives
+from misp_dpo.mining.strategies import NEEDS_SEEDS, Mined, SelectionParams, SelectionPools, select_negatives
 
 
 @dataclass
@@ -107,7 +107,7 @@ def mine_pools(
         if params.strategy in NEEDS_SEEDS
         else None
     )
-    pools = Pools(batch.positive, batch.candidates, mask, batch.sim_image, batch.sim_prompt, seeds)
+    pools = SelectionPools(batch.positive, batch.candidates, mask, batch.sim_image, batch.sim_prompt, seeds)
     mined = select_negatives(pools, params, codes)
     timings["select"] += time.perf_counter() - started
     started = time.perf_counter()

@@ -164,7 +164,7 @@ def _shown(value: object) -> str:
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SelectionParams)}
 
 
-class Pools(NamedTuple):
+class SelectionPools(NamedTuple):
     """P pairs' pools as (P, K[, D]) blocks; padding has mask False."""
 
     positive: np.ndarray  # (P, D) v(m_p)
@@ -204,7 +204,7 @@ def _invalid(mask: np.ndarray, *blocks: np.ndarray) -> np.ndarray:
 
 
 def _strategy_inputs(
-    pools: Pools, params: SelectionParams, sae: PoolCodes | None, v: np.ndarray | None
+    pools: SelectionPools, params: SelectionParams, sae: PoolCodes | None, v: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float, np.ndarray]:
     """(score, ranking key, diversity features, beta_div, pickable mask) of the strategy."""
     if params.strategy == "misp":
@@ -241,7 +241,7 @@ def similarity_rank(sim: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(rank)
 
 
-def select_negatives(pools: Pools, params: SelectionParams, sae: PoolCodes | None = None) -> Mined:
+def select_negatives(pools: SelectionPools, params: SelectionParams, sae: PoolCodes | None = None) -> Mined:
     """Score every pool, pick `params.negatives` per pair, and gather the per-negative fields."""
     v = deviation(sae.codes) if sae is not None else None
     score, key, features, beta, pickable = _strategy_inputs(pools, params, sae, v)

@@ -119,7 +119,7 @@ def read_model(folder: Path, device: str = "cpu") -> tuple[nn.Module, SaeSpec, d
     return model.to(device).eval(), spec, cfg
 
 
-def resolve_device(device: str) -> str:
+def sae_device(device: str) -> str:
     """auto: CUDA when a GPU is visible, else CPU; an explicit cuda without one is a user error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

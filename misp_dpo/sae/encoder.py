@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from misp_dpo.sae.checkpoint import SaeSpec, read_model, resolve_device
+from misp_dpo.sae.checkpoint import SaeSpec, read_model, sae_device
 
 # Elements of the largest intermediate per chunk of pairs (~256 MB of float32).
 CHUNK_ELEMENTS = 1 << 26
@@ -97,6 +97,6 @@ class DifferenceEncoder:
 
 def load_sae(folder: Path, device: str = "auto") -> DifferenceEncoder:
     """The SAE of a `misp-dpo sae` output folder; a one-line UserError for any other folder."""
-    resolved = resolve_device(device)
+    resolved = sae_device(device)
     model, spec, cfg = read_model(Path(folder), resolved)
     return DifferenceEncoder(model, spec, cfg, resolved)

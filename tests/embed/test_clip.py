@@ -17,9 +17,9 @@ from misp_dpo.embed.clip import (
     TINY_MODEL,
     WEIGHTS_FILE,
     ClipEncoder,
+    clip_device,
     describe_model,
     register_model_configs,
-    resolve_device,
 )
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
@@ -117,10 +117,10 @@ def test_random_weights_are_seeded() -> None:
 
 
 def test_device_auto_takes_cuda_only_when_visible(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_device("cpu") == "cpu"
+    assert clip_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
+    assert clip_device("auto") == "cpu"
     with pytest.raises(UserError, match="--device cuda: no CUDA device is visible"):
-        resolve_device("cuda")
+        clip_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == resolve_device("cuda") == "cuda"
+    assert clip_device("auto") == clip_device("cuda") == "cuda"

@@ -14,10 +14,10 @@ from misp_dpo.mining.index import (
     auto_nlist,
     build_index,
     choose_index,
+    faiss_device,
     import_faiss,
     load_index,
     parse_memory,
-    resolve_device,
     save_index,
 )
 from tests.helpers import clustered_unit_vectors
@@ -134,16 +134,16 @@ def test_parse_memory() -> None:
 
 
 def test_device_choice(caplog: pytest.LogCaptureFixture) -> None:
-    assert resolve_device("auto", 0, 64) == "cpu"
-    assert resolve_device("auto", 2, 64) == "cuda"
-    assert resolve_device("cpu", 2, 64) == "cpu"
-    assert resolve_device("cuda", 1, GPU_MAX_K) == "cuda"
+    assert faiss_device("auto", 0, 64) == "cpu"
+    assert faiss_device("auto", 2, 64) == "cuda"
+    assert faiss_device("cpu", 2, 64) == "cpu"
+    assert faiss_device("cuda", 1, GPU_MAX_K) == "cuda"
     with caplog.at_level(logging.WARNING, logger="misp_dpo"):
         logging.getLogger("misp_dpo").propagate = True
         try:
-            assert resolve_device("auto", 2, GPU_MAX_K + 1) == "cpu"
+            assert faiss_device("auto", 2, GPU_MAX_K + 1) == "cpu"
         finally:
             logging.getLogger("misp_dpo").propagate = False
     assert "at most 2048" in caplog.text
     with pytest.raises(UserError, match="--device cuda: FAISS sees no GPU"):
-        resolve_device("cuda", 0, 64)
+        faiss_device("cuda", 0, 64)

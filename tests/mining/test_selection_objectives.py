@@ -10,8 +10,8 @@ from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
 from misp_dpo.mining.selection import greedy_select, pair_seeds, top_latents, uniform_keys
 from misp_dpo.mining.strategies import (
-    Pools,
     SelectionParams,
+    SelectionPools,
     check_sae_variant,
     select_negatives,
     similarity_rank,
@@ -65,10 +65,10 @@ def test_latent_coverage_through_misp() -> None:
     assert (mined.diversity_gain[:, 0] == 0).all() and (mined.diversity_gain >= 0).all()
 
 
-def _hand_pools(sim: list[float], pair: str = "p") -> Pools:
+def _hand_pools(sim: list[float], pair: str = "p") -> SelectionPools:
     k = len(sim)
     candidates = np.zeros((1, k, 2))
-    return Pools(
+    return SelectionPools(
         np.zeros((1, 2)),
         candidates,
         np.ones((1, k), bool),

@@ -7,11 +7,13 @@ import pytest
 
 from misp_dpo.mining.scores import PoolCodes, deviation, misp_score, softmax_proposal
 from misp_dpo.mining.selection import greedy_select, pair_seeds
-from misp_dpo.mining.strategies import Pools, SelectionParams, select_negatives
+from misp_dpo.mining.strategies import SelectionParams, SelectionPools, select_negatives
 from tests.helpers import clustered_unit_vectors
 
 
-def make_pools(pairs: int = 20, width: int = 10, dim: int = 6, seed: int = 0) -> tuple[Pools, PoolCodes]:
+def make_pools(
+    pairs: int = 20, width: int = 10, dim: int = 6, seed: int = 0
+) -> tuple[SelectionPools, PoolCodes]:
     rng = np.random.default_rng(seed)
     vectors, _ = clustered_unit_vectors(pairs * (width + 1), dim, 4, 0.4, rng)
     positive = vectors[:pairs]
@@ -27,7 +29,7 @@ def make_pools(pairs: int = 20, width: int = 10, dim: int = 6, seed: int = 0) ->
         recon_error=rng.random((pairs, width)).astype(np.float32) * mask,
     )
     seeds = pair_seeds([f"p{i}" for i in range(pairs)], 0)
-    return Pools(positive, candidates, mask, sim_image, sim_prompt, seeds), codes
+    return SelectionPools(positive, candidates, mask, sim_image, sim_prompt, seeds), codes
 
 
 def test_nearest_returns_the_n_most_similar_of_the_filtered_pool() -> None:

@@ -26,14 +26,14 @@ import pyarrow.parquet as pq
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER
-from misp_dpo.mining.candidates import FILTERS, Pools, PoolSettings, build_pools
+from misp_dpo.mining.candidates import FILTERS, PoolSettings, RetrievedPools, build_pools
 from misp_dpo.mining.index import (
     IndexSpec,
     Searcher,
     choose_index,
+    faiss_device,
     import_faiss,
     parse_memory,
-    resolve_device,
 )
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, pair_shards, read_embeddings
@@ -110,7 +110,7 @@ class CandidatesStage(Stage[CandidatesConfig]):
         spec = choose_index(images, clip.dim, parse_memory(cfg.max_index_memory), cfg.index, cfg.nprobe)
         faiss = import_faiss()
         if cfg.device == "cuda":
-            resolve_device(cfg.device, faiss.get_num_gpus(), cfg.pools.k)
+            faiss_device(cfg.device, faiss.get_num_gpus(), cfg.pools.k)
         inputs = {"embeddings": manifest_hash(embeddings.root)}
         key = index_key(inputs["embeddings"], spec, cfg.seed)
         meta = {
@@ -226,7 +226,7 @@ def pool_batch(
     return pa.table(columns, schema=schemas.CANDIDATES)
 
 
-def _expand(found: Pools, ok: np.ndarray) -> Pools:
+def _expand(found: RetrievedPools, ok: np.ndarray) -> RetrievedPools:
     """Pools of the valid pairs placed back among all pairs of the batch (failed ones empty)."""
     rows = np.full((len(ok), found.rows.shape[1]), -1, dtype=np.int64)
     sim_image = np.zeros(rows.shape, dtype=np.float32)
@@ -238,10 +238,10 @@ def _expand(found: Pools, ok: np.ndarray) -> Pools:
         found.sim_prompt,
         found.sizes,
     )
-    return Pools(rows, sim_image, sim_prompt, sizes, found.removed, found.retrieved)
+    return RetrievedPools(rows, sim_image, sim_prompt, sizes, found.removed, found.retrieved)
 
 
-def _count(ctx: TaskContext, found: Pools, n_pairs: int, settings: PoolSettings) -> None:
+def _count(ctx: TaskContext, found: RetrievedPools, n_pairs: int, settings: PoolSettings) -> None:
     ctx.count("items", n_pairs)
     ctx.count("pairs", n_pairs)
     ctx.count("retrieved", found.retrieved)
@@ -251,7 +251,7 @@ def _count(ctx: TaskContext, found: Pools, n_pairs: int, settings: PoolSettings)
         ctx.count(f"removed_{name}", found.removed[name])
 
 
-def pool_column(pools: Pools, ids: np.ndarray) -> pa.ListArray:
+def pool_column(pools: RetrievedPools, ids: np.ndarray) -> pa.ListArray:
     """The `candidates` column (list<struct<image_id, sim_image, sim_prompt, rank>>) from flat arrays."""
     mask = pools.rows >= 0
     sizes = mask.sum(axis=1)

@@ -25,10 +25,10 @@ from misp_dpo.config import option
 from misp_dpo.embed.clip import (
     Device,
     ModelDescription,
+    clip_device,
     compute_identity,
     describe_model,
     fetch_weights,
-    resolve_device,
 )
 from misp_dpo.embed.pairs import PairColumns, PairsTable, open_pairs
 from misp_dpo.embed.readers import Corpus, FolderCorpus, TableCorpus, TarCorpus, open_corpus
@@ -156,7 +156,7 @@ class EmbedStage(Stage[EmbedConfig]):
 
     def plan(self, cfg: EmbedConfig) -> Plan:
         model = describe_model(cfg.model, cfg.pretrained)
-        compute = compute_identity(resolve_device(cfg.device))
+        compute = compute_identity(clip_device(cfg.device))
         pairs = open_pairs(cfg.pairs, cfg.columns())
         corpus = open_corpus(str(cfg.corpus), cfg.corpus_image_column) if cfg.corpus is not None else None
         fetch_weights(model)
@@ -182,7 +182,7 @@ class EmbedStage(Stage[EmbedConfig]):
         from misp_dpo.embed.encode import embed_batches
 
         work: EmbedWork = plan.work
-        device = resolve_device(cfg.device)
+        device = clip_device(cfg.device)
         if compute_identity(device) != plan.inputs["compute"]:
             raise UserError(
                 f"--device {cfg.device}: task {ctx.task} computes in {compute_identity(device)}, the run was "

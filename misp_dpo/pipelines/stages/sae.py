@@ -99,7 +99,7 @@ class SaeStage(Stage[SaeConfig]):
         return Plan(num_tasks=1, inputs=inputs, meta=meta, work=SaeWork(candidates.root, embeddings.root))
 
     def run_task(self, cfg: SaeConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.sae.checkpoint import resolve_device
+        from misp_dpo.sae.checkpoint import sae_device
         from misp_dpo.sae.stats import UnusableInput
         from misp_dpo.sae.trainer import TrainSettings, train_sae
 
@@ -118,7 +118,7 @@ class SaeStage(Stage[SaeConfig]):
         settings = TrainSettings(
             **vars(cfg.settings),
             seed=cfg.seed,
-            device=resolve_device(cfg.device),
+            device=sae_device(cfg.device),
             preload_bytes=-1 if cfg.preload_gb < 0 else int(cfg.preload_gb * 2**30),
         )
         checkpoint = ctx.out / CHECKPOINT
