@@ -4,6 +4,9 @@ A seeded sample of pairs with their positive and negatives as thumbnails and sco
 histograms over the whole dataset, summary counts, and (with `--attributes`, the demo corpus's
 ground truth) the attributes each negative changed. The page, thumbnails and PNGs are written
 into `--out` and linked relatively, so the folder can be copied or served as is.
+Over the 150-line aim: the page is built by `misp_dpo.mining.report`, but the reads it needs (a seeded
+row sample over shards, thumbnails through any uri kind, the embeddings for label-free spread) are
+I/O and stay here; the thumbnail writer belongs with a shared image reader (still to move).
 """
 
 from __future__ import annotations
