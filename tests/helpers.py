@@ -178,7 +178,7 @@ def write_candidates(
         schema=schemas.CANDIDATES,
     )
     inputs = {"embeddings": manifest_hash(embeddings.root)}
-    meta = {**embeddings.meta, "embeddings_dir": str(embeddings.root.resolve())}
+    meta = {**embeddings.meta, "embeddings_dir": str(embeddings.root.resolve()), "pool": pool_rows.shape[1]}
     return write_prewritten(out, "candidates", {"candidates": table}, tasks, meta, inputs)
 
 

@@ -146,6 +146,19 @@ def test_sae_of_another_clip_is_refused_in_one_line_before_any_work(
     assert not out.exists()
 
 
+def test_more_negatives_than_any_pool_holds_is_refused_before_any_work(
+    inputs: MineInputs, tmp_path: Path
+) -> None:
+    pool = inputs.candidates.meta["pool"]
+    out = tmp_path / "neg"
+    with pytest.raises(UserError) as error:
+        mine(inputs, out, negatives=pool + 1)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"--negatives {pool + 1}: the pools of --candidates")
+    assert f"at most {pool}" in message and "--pool" in message
+    assert not out.exists()
+
+
 def test_misp_without_an_sae_is_refused(inputs: MineInputs, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--sae: --strategy misp scores candidates with an SAE"):
         mine(inputs, tmp_path / "neg", sae=None)

@@ -1,4 +1,4 @@
-"""`misp-dpo fit-clip CORPUS OUT`: train the demo's tiny open_clip model; OUT is a local-dir checkpoint.
+"""`misp-dpo fit-clip --corpus DIR --out OUT`: train the demo's tiny open_clip model (a local-dir checkpoint).
 
 OUT holds `open_clip_config.json` and `open_clip_model.safetensors`, the layout open_clip's
 `local-dir:` loads, so `--model local-dir:OUT` works wherever a model is named; plus
@@ -25,7 +25,7 @@ from misp_dpo.errors import UserError
 from misp_dpo.log import log_event, progress
 from misp_dpo.pipelines.io import atomic_path
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
-from misp_dpo.pipelines.stage import Plan, Stage, TaskContext
+from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 if TYPE_CHECKING:
     from misp_dpo.embed.fit_clip import SynthData
@@ -35,12 +35,10 @@ LOG_EVERY = 50
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitClipConfig:
-    """StageConfig's fields, declared here so that the positional CORPUS comes before OUT."""
+class FitClipConfig(StageConfig):
+    """--out is an open_clip local-dir checkpoint; --seed seeds the initialisation, split and batches."""
 
-    corpus: Path = option(help="output folder of `misp-dpo synth`", argument=True, hashed=False)
-    out: Path = option(help="output folder: an open_clip local-dir checkpoint", argument=True, hashed=False)
-    seed: int = option(0, "random seed of the initialisation, the held-out split and the batches")
+    corpus: Path = option(help="output folder of `misp-dpo synth`", hashed=False)
     arch: str = option(TINY_MODEL, "open_clip architecture trained from scratch (a registered config name)")
     steps: int = option(400, "optimiser steps (the default takes about two minutes on 2 CPU cores)")
     batch_size: int = option(128, "images per step, each of a different attribute combination")
@@ -63,7 +61,7 @@ class FitClipConfig:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
 
-class FitClipStage(Stage[FitClipConfig]):  # type: ignore[type-var]
+class FitClipStage(Stage[FitClipConfig]):
     """Train a tiny open_clip model on a synth corpus (demo only: real runs name a pretrained model).
 
     Uses open_clip's ClipLoss on captions and chosen answers, reports held-out text->image
@@ -71,19 +69,19 @@ class FitClipStage(Stage[FitClipConfig]):  # type: ignore[type-var]
     """
 
     name = "fit-clip"
-    config = FitClipConfig  # type: ignore[assignment]  # StageConfig's fields, not its subclass
+    config = FitClipConfig
 
     def plan(self, cfg: FitClipConfig) -> Plan:
         import open_clip
 
-        synth = read_manifest(cfg.corpus, "synth", "CORPUS")
+        synth = read_manifest(cfg.corpus, "synth", "--corpus")
         register_model_configs()
         if open_clip.get_model_config(cfg.arch) is None:
             raise UserError(f"--arch {cfg.arch}: not an open_clip model config; use {TINY_MODEL}")
         images = synth.stats.get("images", 0)
         if round(images * cfg.holdout) < 2 or images - round(images * cfg.holdout) < 2:
             raise UserError(
-                f"CORPUS {cfg.corpus}: {images} images are too few to train and hold out; use more"
+                f"--corpus {cfg.corpus}: {images} images are too few to train and hold out; use more"
             )
         return Plan(num_tasks=1, inputs={"corpus": manifest_hash(cfg.corpus)}, meta={"arch": cfg.arch})
 

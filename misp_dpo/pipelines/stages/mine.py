@@ -91,6 +91,13 @@ class MineStage(Stage[MineConfig]):
                 "`misp-dpo sae`), or a --strategy that needs none (maxmin, nearest, random, topm, "
                 "nearest-random)"
             )
+        pool = candidates.meta.get("pool")
+        if pool is not None and cfg.settings.selection.negatives > int(pool):
+            raise UserError(
+                f"--negatives {cfg.settings.selection.negatives}: the pools of --candidates {cfg.candidates} "
+                f"hold at most {pool} images; ask for at most {pool}, or rerun `misp-dpo candidates` "
+                "with a larger --pool"
+            )
         inputs = {"candidates": manifest_hash(candidates.root), "embeddings": manifest_hash(embeddings.root)}
         sae_meta = None
         if cfg.sae is not None:
