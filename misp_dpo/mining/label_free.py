@@ -3,13 +3,16 @@
 Hardness is the CLIP cosine of a negative to its positive (`sim_image`). A negative at or above
 `near_duplicate` is nearly the positive again and teaches little; one among the dataset's least
 similar (`easy_quantile`) is too different to be hard. Spread is the mean pairwise cosine distance
-among one pair's negatives (from the embeddings `mine` read), the label-free side of diversity.
+among one pair's negatives (from the embeddings `mine` read), the label-free side of diversity; SAE
+latent coverage (counted by `mine`) is its side in the SAE's latents.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +58,13 @@ def pair_spread(vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def label_free_rows(
-    values: dict[str, np.ndarray], flags: NegativeFlags, spread: np.ndarray | None
+    values: dict[str, np.ndarray],
+    flags: NegativeFlags,
+    spread: np.ndarray | None,
+    stats: Mapping[str, Any],
 ) -> list[tuple[str, str]]:
-    """Quality figures that need no ground-truth attributes."""
+    """Quality figures that need no ground-truth attributes (`stats`: the negatives' manifest stats,
+    where `mine` counted the SAE latent coverage)."""
     sim = values.get("sim_image", np.zeros(0))
     rows = []
     if len(sim):
@@ -82,6 +89,18 @@ def label_free_rows(
         )
     else:
         rows.append(("mean pairwise distance among a pair's negatives", "not available (no embeddings)"))
+    pairs = stats.get("sae_coverage_pairs", 0)
+    if pairs:
+        coverage = stats.get("sae_coverage_millionths", 0) / pairs / 1e6
+        rows.append(
+            (
+                "SAE latent coverage (of what the negatives change in SAE latents, the share only one of "
+                "them changes; 1 = all different, 1/N = all the same)",
+                f"{coverage:.3f}",
+            )
+        )
+    else:
+        rows.append(("SAE latent coverage", "not available (mined without an SAE)"))
     gain = values.get("diversity_gain")
     if gain is not None and len(gain):
         rows.append(

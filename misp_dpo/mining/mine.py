@@ -22,7 +22,7 @@ from misp_dpo.config import option
 from misp_dpo.image_uris import relative_to
 from misp_dpo.mining.dataset import negatives_table, pairwise_table
 from misp_dpo.mining.scores import PoolCodes, PoolEncoder, encode
-from misp_dpo.mining.selection import clean_pool, pair_seeds
+from misp_dpo.mining.selection import clean_pool, pair_seeds, top_latents
 from misp_dpo.mining.strategies import NEEDS_SEEDS, Mined, SelectionParams, SelectionPools, select_negatives
 
 
@@ -113,6 +113,11 @@ def mine_pools(
     started = time.perf_counter()
     failures = _failures(batch, mined)
     keep = _keep(settings, len(batch), mined, counts)
+    if codes is not None:  # stats hold integers (tasks merge exactly): the sum in millionths
+        coverage = latent_coverage(codes.codes, mask, mined.picks)[keep]
+        coverage = coverage[np.isfinite(coverage)]
+        counts["sae_coverage_pairs"] += len(coverage)
+        counts["sae_coverage_millionths"] += int(np.rint(coverage * 1e6).sum())
     picked_rows = np.take_along_axis(batch.rows, np.maximum(mined.picks, 0), axis=1)
     flat_rows = picked_rows[(mined.picks >= 0) & keep[:, None]]
     ids = pa.array(images.ids[flat_rows], pa.binary()).cast(pa.string())
@@ -123,6 +128,31 @@ def mine_pools(
     table = build(batch.pairs, positive_ids, positive_uris, mined, keep, ids, uris)
     timings["build"] += time.perf_counter() - started
     return MinedRows(table, counts, failures)
+
+
+COVERAGE_TOP = 8  # latents per negative counted by the report's label-free SAE latent coverage
+
+
+def latent_coverage(codes: np.ndarray, mask: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """Per pair, how much of what its negatives change in SAE latents only one of them changes
+    (the label-free side of coverage, shown by the report); NaN for a pair without negatives.
+
+    Each candidate's COVERAGE_TOP strongest changes beyond its pool's mean are weighted to sum 1
+    (`top_latents`, as in the latent-coverage objective); a pair's coverage is sum_l max_j a_jl
+    over its picks j, divided by their number: 1 when every negative changes latents no other one
+    does, 1/N when all change the same ones in the same proportions.
+    """
+    index, weight = top_latents(codes, mask, COVERAGE_TOP)
+    picked = picks >= 0
+    safe = np.maximum(picks, 0)[:, :, None]
+    chosen_index = np.take_along_axis(index, safe, axis=1)  # (P, N, t)
+    chosen_weight = np.take_along_axis(weight, safe, axis=1) * picked[:, :, None]
+    covered = np.zeros((len(picks), 2 * codes.shape[2]))
+    owner = np.repeat(np.arange(len(picks)), chosen_index.shape[1] * chosen_index.shape[2])
+    np.maximum.at(covered, (owner, chosen_index.reshape(-1)), chosen_weight.reshape(-1))
+    count = picked.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, covered.sum(axis=1) / count, np.nan)
 
 
 def _located(uris: pa.Array, root: Path | None, counts: Counter[str]) -> pa.Array:

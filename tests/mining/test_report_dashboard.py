@@ -74,6 +74,8 @@ def test_dashboard_without_attributes(synth_corpus: Path, tmp_path: Path) -> Non
     assert "mean pairwise distance among a pair's negatives" in dom
     spread = re.search(r"mean pairwise distance among a pair's negatives[^<]*</td><td>([0-9.]+)<", dom)
     assert spread and 0 < float(spread.group(1)) <= 2
+    coverage = re.search(r"SAE latent coverage[^<]*</td><td>([0-9.]+)<", dom)
+    assert coverage and 1 / 3 <= float(coverage.group(1)) <= 1  # 3 negatives a pair
     assert 'class="flag easy"' in dom.split('id="pairs"')[1] or 'class="flag near-duplicate"' in dom
     assert 'class="hists"' in dom and dom.count("<figcaption>") >= 8
     for key in ("hardness", "score"):

@@ -8,6 +8,7 @@ import pytest
 
 from misp_dpo.config import build_config
 from misp_dpo.errors import UserError
+from misp_dpo.mining.mine import latent_coverage
 from misp_dpo.mining.selection import greedy_select, pair_seeds, top_latents, uniform_keys
 from misp_dpo.mining.strategies import (
     SelectionParams,
@@ -177,3 +178,16 @@ def test_the_paper_preset_needs_the_paper_sae() -> None:
         ValueError, match="--preset paper needs an SAE trained with --variant paper; --sae holds topk"
     ):
         check_sae_variant(SelectionParams(preset="paper"), "topk")
+
+
+def test_latent_coverage_counts_what_only_one_negative_changes() -> None:
+    # Three candidates over 4 latents: 0 and 2 change latent 0, 1 changes latent 1. Beyond the pool's
+    # mean each keeps one latent with weight 1, so two picks on different latents cover 2 / 2 = 1, two
+    # on the same latent 1 / 2, a single pick 1 / 1, and no pick has no value.
+    one_pool = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0]], dtype=np.float32)
+    codes = np.stack([one_pool] * 4)
+    mask = np.ones((4, 3), dtype=bool)
+    picks = np.array([[0, 1], [0, 2], [2, -1], [-1, -1]])
+    coverage = latent_coverage(codes, mask, picks)
+    np.testing.assert_allclose(coverage[:3], [1.0, 0.5, 1.0])
+    assert np.isnan(coverage[3])

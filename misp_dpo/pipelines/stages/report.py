@@ -99,7 +99,7 @@ class ReportStage(Stage[ReportConfig]):
         name = dataset_name(cfg.negatives.resolve())
         unreadable = int(ctx.counts.get("failures", 0))
         summary = summary_rows(name, negatives.meta, negatives.stats, len(pairs), unreadable)
-        quality = label_free_rows(values, flags, _spread(negatives.meta, shards))
+        quality = label_free_rows(values, flags, _spread(negatives.meta, shards), negatives.stats)
         if attributes is not None:
             quality += _quality_rows(attributes, shards)
         title = f"misp-dpo report: {name} ({negatives.meta.get('strategy', '?')} negatives)"
