@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import huggingface_hub.utils
 from tqdm.auto import tqdm
 
 LOGGER = logging.getLogger("misp_dpo")
@@ -73,6 +74,8 @@ def configure_logging(log_format: LogFormat = "auto", level: int = logging.INFO)
     logging.captureWarnings(True)
     root = logging.getLogger()  # other handlers there (pytest's capture) stay
     root.handlers[:] = [h for h in root.handlers if not isinstance(h, _TqdmHandler)] + [handler]
+    if not bars_enabled():  # the Hub's and transformers' own bars (weights loading) would break log lines
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def log_event(message: str, **fields: Any) -> None:

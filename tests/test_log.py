@@ -8,6 +8,7 @@ import sys
 import warnings
 from datetime import datetime
 
+import huggingface_hub.utils
 import pytest
 from tqdm import tqdm
 
@@ -61,3 +62,14 @@ def test_log_lines_printed_under_a_progress_bar_stay_whole(capsys: pytest.Captur
     for step, line in enumerate(lines):
         record = json.loads(line.rsplit("\r", 1)[-1])  # the bar is cleared (\r) before the line
         assert record["step"] == step and line.rstrip().endswith("}")
+
+
+def test_third_party_progress_bars_are_off_when_logs_are_json() -> None:
+    """transformers' "Loading weights" bar (through huggingface_hub's switch) would break JSON lines."""
+    huggingface_hub.utils.enable_progress_bars()
+    try:
+        configure_logging("json")
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        configure_logging("text")
+        huggingface_hub.utils.enable_progress_bars()
