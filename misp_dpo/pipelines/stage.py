@@ -141,6 +141,10 @@ class Stage(ABC, Generic[C]):
         """Write outputs that need every task (a dataset card); return their paths relative to `out`."""
         return []
 
+    def deliver(self, cfg: C, out: Path) -> None:
+        """Act on a complete output, whether this run finished it or found it finished (an upload):
+        unlike `finalize`, it runs again on a rerun, and changes nothing in `out`."""
+
     def follow(self, cfg: C, plan: Plan) -> None:
         """Under torchrun, what the ranks other than 0 of a `distributed` stage do: the task's
         computation alongside rank 0 (collectives), writing nothing; rank 0 alone owns the output."""

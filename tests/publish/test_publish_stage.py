@@ -165,3 +165,26 @@ def test_upload_without_network_is_refused_in_one_line(
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # whatever this machine has stored
     with pytest.raises(UserError, match="no Hugging Face token"):
         upload(tmp_path, "someone/tiny", dry_run=False)
+
+
+def test_a_rerun_with_repo_id_uploads_a_folder_published_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--repo-id added on a second run finds the folder complete; the upload (here listed) still runs."""
+    from misp_dpo.cli import main
+
+    negatives = negatives_folder(tmp_path)
+    argv = [
+        "publish",
+        str(negatives),
+        "--out",
+        str(tmp_path / "hub"),
+        "--image-root",
+        str(tmp_path / "corpus"),
+    ]
+    for extra in ([], ["--repo-id", "someone/tiny", "--dry-run"]):
+        with pytest.raises(SystemExit) as done:
+            main([*argv, *extra, "--log-format", "json"])
+        assert done.value.code == 0
+    err = capsys.readouterr().err
+    assert "already complete, skipping" in err and "would upload data/train-00000.parquet" in err

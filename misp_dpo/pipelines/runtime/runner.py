@@ -140,6 +140,7 @@ def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
     done = prepare_output(stage, cfg, chash, opts.overwrite)
     if done is not None:
         log_event("already complete, skipping", stage=stage.name, out=str(cfg.out))
+        stage.deliver(cfg, cfg.out)
         return done
     if not opts.finalize_only:
         execute(stage, cfg, plan, chash, opts)
@@ -154,4 +155,5 @@ def run_stage(stage: Stage[C], cfg: C, opts: RunOptions) -> Manifest | None:
         log_event("this executor's tasks are done; others are still running", stage=stage.name)
     else:
         log_event("stage complete", stage=stage.name, out=str(cfg.out), **manifest.stats)
+        stage.deliver(cfg, cfg.out)
     return manifest

@@ -138,10 +138,13 @@ class PublishStage(Stage[PublishConfig]):
                 tmp.write_bytes(png)
         with atomic_path(out / "README.md") as tmp:
             tmp.write_text(card.text, encoding="utf-8")
+        return [*card.histograms, "README.md"]
+
+    def deliver(self, cfg: PublishConfig, out: Path) -> None:
+        """Upload with --repo-id, also when the folder was published by an earlier run."""
         if cfg.repo_id:
             files = upload(out, cfg.repo_id, cfg.dry_run)
             verb = "would upload" if cfg.dry_run else "uploaded"
             for path, size in files:
                 log_event(f"publish: {verb} {path}", repo_id=cfg.repo_id, bytes=size)
             log_event(f"publish: {verb} {len(files)} files", repo_id=cfg.repo_id)
-        return [*card.histograms, "README.md"]
