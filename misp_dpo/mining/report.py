@@ -53,6 +53,11 @@ body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px
 h1 { font-size: 1.6em; } h2 { margin-top: 1.4em; border-bottom: 1px solid #ddd; }
 table.summary td { padding: 3px 12px; border-bottom: 1px solid #eee; }
 table.legend td { padding: 3px 10px; vertical-align: top; }
+table.eval { border-collapse: collapse; margin: 0.4em 0 1em; font-variant-numeric: tabular-nums; }
+table.eval th, table.eval td { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: right; }
+table.eval thead th { text-align: center; } table.eval .label { text-align: left; }
+table.eval td.diff { font-weight: bold; } table.eval.compact td { padding: 1px 6px; }
+figure.eval-chart { width: auto; font-size: 14px; } .eval-chart img { width: 440px; border: 1px solid #ddd; }
 .hists { display: flex; flex-wrap: wrap; gap: 12px; }
 .hists figure { width: auto; font-size: 14px; }
 .hists img { width: 360px; border: 1px solid #ddd; }
@@ -273,8 +278,10 @@ def render_report(
     histograms: list[tuple[str, str]],
     pairs: list[ShownPair],
     flags: NegativeFlags,
+    evaluation: str = "",
 ) -> str:
-    """The whole page; `histograms` are (relative PNG path, caption)."""
+    """The whole page; `histograms` are (relative PNG path, caption); `evaluation` is the HTML of
+    the Evaluation section (`misp_dpo.eval.report_section`), placed after the quality figures."""
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in summary)
     quality_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in quality)
     hists = "".join(
@@ -295,6 +302,7 @@ def render_report(
         f"<h1>{_e(title)}</h1>"
         f'<h2>Summary</h2><table class="summary">{rows}</table>'
         f'<h2>Quality</h2><table class="summary" id="quality">{quality_rows}</table>'
+        f"{evaluation}"
         f"<h2>Legend</h2>{_legend(flags)}"
         f'<h2>Score distributions</h2><div class="hists">{hists}</div>'
         f"<h2>Sample of {len(pairs)} pairs</h2>{controls}"

@@ -1,9 +1,11 @@
 """`misp-dpo report`: a static HTML page of a negatives dataset (single task).
 
 A seeded sample of pairs with their positive and negatives as thumbnails and scores, score
-histograms over the whole dataset, summary counts, and (with `--attributes`, the demo corpus's
-ground truth) the attributes each negative changed. The page, thumbnails and PNGs are written
-into `--out` and linked relatively, so the folder can be copied or served as is.
+histograms over the whole dataset, summary counts, (with `--attributes`, the demo corpus's
+ground truth) the attributes each negative changed, and (with `--eval`, a `misp-dpo eval` output)
+an Evaluation section: base vs trained on POPE and held-out pairs (`misp_dpo.eval.report_section`).
+The page, thumbnails and PNGs are written into `--out` and linked relatively, so the folder can be
+copied or served as is.
 Over the 150-line aim: the page is built by `misp_dpo.mining.report`, but the reads it needs (a seeded
 row sample over shards, thumbnails through any uri kind, the embeddings for label-free spread) are
 I/O and stay here; the thumbnail writer belongs with a shared image reader (still to move).
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
+from misp_dpo.eval.report_section import CHART, accuracy_chart, check_metrics, evaluation_section
 from misp_dpo.image_uris import read_uri
 from misp_dpo.mining.attributes import AttributeTable, dataset_quality
 from misp_dpo.mining.card import dataset_name
@@ -30,11 +33,12 @@ from misp_dpo.mining.plots import HISTOGRAM_FIELDS, gather_fields, render_histog
 from misp_dpo.mining.report import render_report, shown_pairs, summary_rows, thumbnail
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ImageStore
-from misp_dpo.pipelines.io import atomic_path, iter_batches, sha256_file
+from misp_dpo.pipelines.io import atomic_path, iter_batches, read_json, sha256_file
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
 
 PAGE = "index.html"
+EVAL_METRICS = "metrics.json"  # what `misp-dpo eval` writes (pipelines/stages/eval.py's METRICS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +48,11 @@ class ReportConfig(StageConfig):
     attributes: Path | None = option(
         None,
         "ground-truth attributes.parquet (the demo corpus's) to show what each negative changed",
+        hashed=False,
+    )
+    eval: Path | None = option(
+        None,
+        "output folder of `misp-dpo eval`: adds an Evaluation section (base vs trained on POPE and pairs)",
         hashed=False,
     )
     thumb_size: int = option(128, "largest side of the thumbnails, in pixels")
@@ -83,6 +92,9 @@ class ReportStage(Stage[ReportConfig]):
         if cfg.attributes is not None:
             _check_attributes(cfg.attributes)
             inputs["attributes"] = sha256_file(cfg.attributes)
+        if cfg.eval is not None:
+            _read_metrics(cfg.eval)  # a bad folder fails here, in one line, before any work
+            inputs["eval"] = manifest_hash(cfg.eval)
         meta = {"negatives_dir": str(negatives.root.resolve()), "strategy": negatives.meta.get("strategy")}
         return Plan(num_tasks=1, inputs=inputs, meta=meta)
 
@@ -103,8 +115,9 @@ class ReportStage(Stage[ReportConfig]):
         if attributes is not None:
             quality += _quality_rows(attributes, shards)
         title = f"misp-dpo report: {name} ({negatives.meta.get('strategy', '?')} negatives)"
+        evaluation = _evaluation(_read_metrics(cfg.eval), ctx) if cfg.eval is not None else ""
         with atomic_path(ctx.output_file(PAGE)) as tmp:
-            page = render_report(title, summary, quality, histograms, pairs, flags)
+            page = render_report(title, summary, quality, histograms, pairs, flags, evaluation)
             tmp.write_text(page, encoding="utf-8")
         ctx.count("pairs_shown", len(pairs))
 
@@ -120,6 +133,30 @@ def _check_attributes(path: Path) -> None:
         raise UserError(f"--attributes {path}: not a Parquet file ({error})") from None
     if "image" not in names or len(names) < 2:
         raise UserError(f"--attributes {path}: needs an `image` column and one column per attribute")
+
+
+def _read_metrics(folder: Path) -> dict[str, Any]:
+    """The metrics.json of a finished `misp-dpo eval` output, or a one-line UserError."""
+    read_manifest(folder, "eval", "--eval")
+    fix = f"rerun `misp-dpo eval ... --out {folder} --overwrite`"
+    try:
+        metrics = read_json(folder / EVAL_METRICS)
+    except FileNotFoundError:
+        raise UserError(f"--eval {folder}: no {EVAL_METRICS}; {fix}") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"--eval {folder}: unreadable {EVAL_METRICS} ({error}); {fix}") from None
+    problem = check_metrics(metrics)
+    if problem is not None:
+        raise UserError(f"--eval {folder}: {EVAL_METRICS} has {problem}; {fix}")
+    return dict(metrics)
+
+
+def _evaluation(metrics: dict[str, Any], ctx: TaskContext) -> str:
+    png = accuracy_chart(metrics)
+    if png is not None:
+        with atomic_path(ctx.output_file(CHART)) as tmp:
+            tmp.write_bytes(png)
+    return evaluation_section(metrics, CHART if png is not None else None)
 
 
 def _load_attributes(path: Path) -> AttributeTable:
