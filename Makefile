@@ -36,13 +36,14 @@ train: install
 	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo --lr 2e-3 --epochs 0.3
 
 # Base vs trained on the demo's held-out POPE probes and preference pairs (after `make train`);
-# the adapter names its base model, so no --model is needed. Then the demo report is rendered
-# again (configs/demo.toml's [report] settings) with an Evaluation section.
+# the adapter names its base model, so no --model is needed. Then the demo report is rendered again
+# with an Evaluation section, into report-eval/ (report/ stays as `make mine` made it, so a rerun
+# of `make mine` still finds it complete).
 eval: install
 	$(BIN)/misp-dpo eval --adapter $(RUNS)/dpo/adapter --probes $(RUNS)/synth/probes.parquet \
 	  --pairs $(RUNS)/synth/heldout_pairs.parquet --out $(RUNS)/eval
 	$(BIN)/misp-dpo report --negatives $(RUNS)/negatives --attributes $(RUNS)/synth/attributes.parquet \
-	  --limit 50 --eval $(RUNS)/eval --out $(RUNS)/report --overwrite
+	  --limit 50 --eval $(RUNS)/eval --out $(RUNS)/report-eval --overwrite
 
 test: install $(VENV)/.chromium
 	$(BIN)/python -m pytest -q
