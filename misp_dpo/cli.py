@@ -20,7 +20,10 @@ from misp_dpo import __version__
 from misp_dpo.config import build_config, flat_fields
 from misp_dpo.errors import UserError
 from misp_dpo.log import configure_logging
+from misp_dpo.pipelines.runtime.pipeline_file import run_pipeline
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+from misp_dpo.pipelines.runtime.slurm_submit import submit_pipeline
+from misp_dpo.pipelines.runtime.validate import validate_output
 from misp_dpo.pipelines.stages import STAGES
 
 app = typer.Typer(
@@ -115,8 +118,6 @@ def run_command(
     ),
 ) -> None:
     """Run the stages of a pipeline TOML in order, skipping those already complete."""
-    from misp_dpo.pipelines.runtime.pipeline_file import run_pipeline
-
     configure_logging(log_format)  # type: ignore[arg-type]
     overrides = {
         "executor": executor,
@@ -128,8 +129,6 @@ def run_command(
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if submit or dry_run:
-        from misp_dpo.pipelines.runtime.slurm_submit import submit_pipeline
-
         text = submit_pipeline(
             pipeline,
             STAGES,
@@ -149,8 +148,6 @@ def run_command(
 @app.command("validate")
 def validate_command(folder: Path = typer.Argument(..., help="a stage output folder")) -> None:
     """Check a stage output: manifest, shard schemas, row counts and checksums."""
-    from misp_dpo.pipelines.runtime.validate import validate_output
-
     configure_logging("text")
     problems, summary = validate_output(folder)
     for problem in problems:

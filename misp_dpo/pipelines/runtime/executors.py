@@ -15,8 +15,11 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
+import torch
+
 from misp_dpo.errors import UserError
 from misp_dpo.log import progress
+from misp_dpo.pipelines.runtime.ray_executor import run_ray
 from misp_dpo.pipelines.runtime.tasks import RunOptions, run_one_task, task_done
 from misp_dpo.pipelines.stage import Plan, Stage, TaskResources
 
@@ -70,8 +73,6 @@ def slurm_tasks(num_tasks: int, environ: dict[str, str] | None = None) -> list[i
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries; empty without a usable GPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -103,8 +104,6 @@ def _worker(
 ) -> int:
     if gpu is not None:  # before anything touches CUDA in this fresh process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
     torch.set_num_threads(threads)
     if gpu is not None and torch.cuda.is_available():
         torch.cuda.set_device(0)
@@ -150,8 +149,6 @@ def execute(stage: Stage[Any], cfg: Any, plan: Plan, chash: str, opts: RunOption
         workers, pinned = local_workers(opts.workers, stage.resources, gpus)
         run_local(stage, cfg, plan, chash, tasks, workers, pinned)
     elif opts.executor == "ray":
-        from misp_dpo.pipelines.runtime.ray_executor import run_ray
-
         run_ray(stage, cfg, plan, chash, opts)
     else:
         raise UserError(f"--executor {opts.executor!r}: choose local, slurm or ray")

@@ -4,7 +4,7 @@ Each actor reserves the stage's declared resources (`Stage.resources`): a GPU wh
 GPUs, otherwise CPUs only, fractions allowed (`--ray-cpus`), and pins its torch thread count to its
 CPU allotment so that the same task gives the same bytes wherever it runs. Actors call the runner's
 `run_one_task`, so completion markers, resume and the manifest are exactly the local executor's.
-Ray is optional (`misp-dpo[ray]`) and imported only here.
+Ray is optional (`misp-dpo[ray]`) and imported only here, through `misp_dpo.optional`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import torch
+
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER, configure_logging, log_event, progress, resolve_format
+from misp_dpo.optional import import_extra
 from misp_dpo.pipelines.runtime.tasks import RunOptions, run_one_task, task_done
 from misp_dpo.pipelines.stage import Plan, Stage, TaskResources
 
-RAY_HINT = "pip install 'misp-dpo[ray]'"
-
 
 def import_ray() -> ModuleType:
-    try:
-        import ray
-    except ImportError:
-        raise UserError(f"--executor ray: Ray is not installed; install it with {RAY_HINT}") from None
-    return ray
+    """Ray, or a UserError with the install line: the rest of the package runs without it."""
+    return import_extra("ray", "ray", "--executor ray")
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,6 @@ class TaskActor:
     """Runs a stage's tasks one at a time, with a fixed torch thread count."""
 
     def __init__(self, job: tuple[Stage[Any], Any, Plan, str], threads: int, log_format: str) -> None:
-        import torch
-
         configure_logging(log_format)  # type: ignore[arg-type]
         torch.set_num_threads(threads)
         self.stage, self.cfg, self.plan, self.chash = job
@@ -136,17 +132,14 @@ def _run_pool(
     shape: ActorShape,
     log_format: str,
 ) -> None:
-    from ray.exceptions import RayTaskError
-    from ray.util import ActorPool
-
     remote = ray.remote(num_cpus=shape.cpus, num_gpus=shape.gpus)(TaskActor)
     job_ref = ray.put(job)
     actors = [remote.remote(job_ref, shape.threads, log_format) for _ in range(shape.actors)]
     bar = progress(total=len(todo), desc=job[0].name, unit="shard")
     try:
-        for _ in ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(task), todo):
+        for _ in ray.util.ActorPool(actors).map_unordered(lambda actor, task: actor.run.remote(task), todo):
             bar.update(1)
-    except RayTaskError as error:
+    except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, UserError):
             raise error.cause from None
         raise
