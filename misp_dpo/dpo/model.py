@@ -22,7 +22,7 @@ import torch
 from misp_dpo.config import option
 from misp_dpo.dpo.tiny import parse_tiny, tiny_model, tiny_processor
 from misp_dpo.errors import UserError
-from misp_dpo.optional import require
+from misp_dpo.optional import import_extra, require
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -117,11 +117,10 @@ def _load_base(spec: str, dtype: torch.dtype, seed: int) -> tuple[Any, Any]:
     if size is not None:
         processor = tiny_processor()
         return tiny_model(size, processor, seed).to(dtype), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     check_model_spec(spec)
-    processor = AutoProcessor.from_pretrained(spec)
-    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype)
+    transformers = import_extra("transformers", "train", f"--model {spec}")
+    processor = transformers.AutoProcessor.from_pretrained(spec)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype)
     return model, processor
 
 

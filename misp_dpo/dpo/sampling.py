@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
+import torch
 
 Proposal = Literal["dataset", "uniform", "fitted"]
 # The mined fields a fitted proposal reads (`proposal` enters as log q_i).
@@ -146,8 +147,6 @@ class FittedProposal:
 
     def fit(self, fields: np.ndarray, counts: np.ndarray, a: np.ndarray, iterations: int = 50) -> None:
         """Minimise mean_b log sum_i p_bi^2 / q_bi + ridge |w - w_prev|^2 over pairs with >= 2 negatives."""
-        import torch  # lazily: the rest of sampling is numpy
-
         keep = counts >= 2
         if not keep.any():
             return

@@ -16,7 +16,7 @@ from PIL import Image
 from misp_dpo.dpo.data import PairRecord, PreferenceData, load_image
 from misp_dpo.dpo.losses import LossConfig, LossTerms, PairStats, pair_stats, preference_loss
 from misp_dpo.dpo.reference import ReferenceLogps
-from misp_dpo.dpo.sampling import Draw, FittedProposal, Proposal, draw_negatives
+from misp_dpo.dpo.sampling import Draw, FittedProposal, Proposal, draw_negatives, relative_variance
 from misp_dpo.dpo.sequences import Encoded, SequenceEncoder, collate, sequence_logps
 
 
@@ -142,8 +142,6 @@ def refit_proposal(
 ) -> np.ndarray:
     """Refit q_phi on the current model's a_i = beta (h_i - h_p) over every stored negative of `rows`
     (a held-out batch); returns each pair's relative variance at M = 1 before and after, (2, B)."""
-    from misp_dpo.dpo.sampling import relative_variance
-
     width = int(data.counts[rows].max(initial=0))
     index = np.where(np.arange(width)[None, :] < data.counts[rows, None], np.arange(width)[None, :], -1)
     draw = Draw(index=index, log_weight=np.where(index >= 0, 0.0, -np.inf))

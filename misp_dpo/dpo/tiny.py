@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from misp_dpo.embed import synth
 from misp_dpo.optional import require
 
 TINY_PATTERN = re.compile(r"^tiny(?:-(\d+)x(\d+))?$")
@@ -56,8 +59,6 @@ def parse_tiny(spec: str) -> TinySize | None:
 
 def _vocabulary() -> list[str]:
     """Every word of the demo corpus's prompts and answers, plus the chat template's, lower-cased."""
-    from misp_dpo.embed import synth
-
     attrs = {name: values[0] for name, values in synth.ATTRIBUTES.items()}
     texts = [question for question, _ in synth.QUESTIONS]
     texts += [synth.response(attrs, focus) for _, focus in synth.QUESTIONS]
@@ -103,8 +104,6 @@ def tiny_processor() -> Any:
 
 def tiny_model(size: TinySize, processor: Any, seed: int) -> Any:
     """A LlavaForConditionalGeneration of `size`, initialised from `seed` (fp32, on CPU)."""
-    import torch
-
     require("train", "the tiny VLM")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 

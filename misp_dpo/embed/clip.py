@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
 
 from misp_dpo.errors import UserError
@@ -56,8 +58,6 @@ _HOW_TO_NAME = (
 
 def register_model_configs() -> None:
     """Make the package's model configs (misp-tiny-clip) known to open_clip; idempotent."""
-    import open_clip
-
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(MODEL_CONFIGS)
 
@@ -96,8 +96,6 @@ def local_weights(folder: Path) -> Path | None:
 
 def _preprocess(model_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """open_clip's final preprocessing: defaults, then the checkpoint's, then the tower's image size."""
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), overrides)
     size = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
     cfg["size"] = list(size) if isinstance(size, (list, tuple)) else [size, size]
@@ -131,8 +129,6 @@ def _describe_local(model: str, flag: str) -> ModelDescription:
 
 
 def _describe_registry(model: str, pretrained: str, flag: str) -> ModelDescription:
-    import open_clip
-
     model_cfg = open_clip.get_model_config(model)
     if model_cfg is None:
         raise UserError(f"{flag} {model}: not a known open_clip model; {_HOW_TO_NAME}")
@@ -180,8 +176,6 @@ def describe_model(model: str, pretrained: str = "", flag: str = "--model") -> M
 
 def fetch_weights(description: ModelDescription) -> None:
     """Download registry weights once, before tasks start (else every task would race to)."""
-    import open_clip
-
     tag_cfg = open_clip.get_pretrained_cfg(description.model, description.pretrained)
     if not tag_cfg:
         return
@@ -216,8 +210,6 @@ class ClipEncoder:
     """
 
     def __init__(self, description: ModelDescription, device: str, seed: int = 0) -> None:
-        import open_clip
-
         register_model_configs()
         torch.manual_seed(seed)  # random weights (no --pretrained) are then the same in every task
         pretrained = description.pretrained or None
@@ -229,8 +221,6 @@ class ClipEncoder:
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval image transform (PIL image -> tensor), for the decoding workers."""
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
         cfg = dict(self.model.visual.preprocess_cfg)
         return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 from PIL import Image
 
 from misp_dpo.embed import synth
@@ -164,8 +165,6 @@ def train_clip(
     uses a few dozen rows) stays at its random init: its dense gradient and optimiser state would
     cost more than the rest of the step on a CPU.
     """
-    from open_clip.loss import ClipLoss
-
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model.token_embedding.weight.requires_grad_(False)

@@ -18,6 +18,7 @@ import torch
 from misp_dpo.dpo.model import ModelConfig, Policy, load_policy
 from misp_dpo.errors import UserError
 from misp_dpo.eval.config import EvalConfig
+from misp_dpo.optional import import_extra
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -52,11 +53,10 @@ def load_trained(base: Policy, adapter: Path, cfg: EvalConfig) -> torch.nn.Modul
     """The base with the peft adapter in `adapter` attached (the base module is modified in place),
     or the whole model saved there."""
     if (adapter / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
-
+        peft = import_extra("peft", "train", f"--adapter {adapter}")
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(base.model, str(adapter))
+            model = peft.PeftModel.from_pretrained(base.model, str(adapter))
         return model.to(base.device).eval()
     if (adapter / "config.json").is_file():
         return load_policy(str(adapter), _model_config(cfg), 0).model.eval()

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
+from huggingface_hub import DatasetCardData
+
 from misp_dpo.mining.plots import HISTOGRAM_FIELDS
 
 CARD = "README.md"
@@ -158,8 +160,6 @@ def _scores_section(summary: dict[str, dict[str, float]], histograms: list[str])
 
 
 def _header(facts: CardFacts) -> str:
-    from huggingface_hub import DatasetCardData
-
     configs = [
         {"config_name": name, "data_files": [{"split": "train", "path": glob}]}
         for name, glob in facts.data_files.items()

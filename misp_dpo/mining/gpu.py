@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
+
 from misp_dpo.log import LOGGER, log_event
+from misp_dpo.optional import import_faiss
 
 GpuLayout = Literal["auto", "replicate", "shard"]
 REPLICA_SHARE = 0.6
@@ -29,8 +32,7 @@ ID_BYTES = 8  # IVF inverted lists store an int64 id per vector (FAISS's default
 
 def gpu_copy_bytes(index: Any, float16: bool) -> int:
     """GPU memory of one full copy of `index` (a shard needs 1/G of it)."""
-    import faiss
-
+    faiss = import_faiss()
     n, dim = int(index.ntotal), int(index.d)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:  # codes and ids in the inverted lists, plus the float32 coarse centroids
@@ -51,12 +53,10 @@ def gpu_free_bytes(count: int) -> list[int]:
     """Free memory of each of the first `count` GPUs; [] when unknown (then `auto` shards, the safe
     choice). FAISS has no memory query, so this asks CUDA through torch."""
     try:
-        import torch
-
         if torch.cuda.device_count() < count:
             return []
         return [int(torch.cuda.mem_get_info(device)[0]) for device in range(count)]
-    except (ImportError, RuntimeError):
+    except RuntimeError:
         return []
 
 
@@ -80,8 +80,7 @@ def to_gpus(index: Any, gpus: int, requested: GpuLayout, float16: bool) -> tuple
 
 def place_on_gpus(index: Any, layout: str, float16: bool) -> Any:
     """`index` copied to every GPU FAISS sees, replicated or sharded (RuntimeError if FAISS cannot)."""
-    import faiss
-
+    faiss = import_faiss()
     options = faiss.GpuMultipleClonerOptions()
     options.shard = layout == "shard"
     options.useFloat16 = float16
@@ -91,7 +90,6 @@ def place_on_gpus(index: Any, layout: str, float16: bool) -> Any:
 
 
 def _scalar_quantized(index: Any) -> bool:
-    import faiss
-
+    faiss = import_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFScalarQuantizer)

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from huggingface_hub import HfApi, get_token
 
 from misp_dpo.errors import UserError
 from misp_dpo.mining.card import CardFacts, card_text
+from misp_dpo.mining.plots import render_histograms, summary
 from misp_dpo.mining.publish import HF_ROWS, PublishFormat
 
 DATA_DIR = "data"
@@ -54,8 +56,6 @@ def hub_card(
     version: str,
 ) -> HubCard:
     """The card of a published folder; `mine` is the negatives manifest's (config, meta)."""
-    from misp_dpo.mining.plots import render_histograms, summary
-
     images = render_histograms(values)
     data_files = {
         (prefix if fmt == "swift" else "default"): f"{DATA_DIR}/{prefix}-*" for prefix in SHARD_PREFIXES[fmt]
@@ -92,8 +92,6 @@ def upload(folder: Path, repo_id: str, dry_run: bool) -> list[tuple[str, int]]:
     files = uploaded_files(folder)
     if dry_run:
         return files
-    from huggingface_hub import HfApi, get_token
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise UserError(f"--repo-id {repo_id}: HF_HUB_OFFLINE is set; unset it to upload, or add --dry-run")
     if get_token() is None:

@@ -6,11 +6,14 @@ shards; only the per-negative float fields are kept in memory (a few float32 arr
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 HISTOGRAM_FIELDS: dict[str, str] = {
     "score": "score s_i",
@@ -39,17 +42,16 @@ def gather_fields(batches: Iterable[pa.RecordBatch]) -> dict[str, np.ndarray]:
 
 
 def render_histograms(values: dict[str, np.ndarray], prefix: str = "hist-") -> dict[str, bytes]:
-    """One small PNG per field, as {`hist-score.png`: bytes, ...}; the caller writes them."""
-    import io
+    """One small PNG per field, as {`hist-score.png`: bytes, ...}; the caller writes them.
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Uses the Agg canvas directly (no pyplot state, no global backend switch), so it works headless,
+    in worker processes, and leaves an importer's matplotlib backend alone.
+    """
     images = {}
     for name, data in values.items():
-        figure, axis = plt.subplots(figsize=(4.0, 2.8), dpi=100)
+        figure = Figure(figsize=(4.0, 2.8), dpi=100)
+        FigureCanvasAgg(figure)
+        axis = figure.subplots()
         axis.hist(data, bins=40, color="#4c72b0")
         axis.set_title(f"{HISTOGRAM_FIELDS[name]} ({len(data)} negatives)", fontsize=10)
         axis.set_xlabel(f"{HISTOGRAM_FIELDS[name]} (field {name})", fontsize=9)
@@ -58,7 +60,6 @@ def render_histograms(values: dict[str, np.ndarray], prefix: str = "hist-") -> d
         figure.tight_layout()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
-        plt.close(figure)
         images[f"{prefix}{name}.png"] = buffer.getvalue()
     return images
 

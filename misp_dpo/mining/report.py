@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from misp_dpo.mining.attributes import AttributeTable
 from misp_dpo.mining.card import portable
@@ -138,8 +139,6 @@ class ShownPair:
 
 def thumbnail(data: bytes, size: int) -> bytes:
     """A PNG no larger than size x size (never upscaled)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as image:
         rgb = image.convert("RGB")
         rgb.thumbnail((size, size))

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from misp_dpo.errors import UserError
 from misp_dpo.sae.config import Variant
+from misp_dpo.sae.paper import FusedDifferenceSAE
+from misp_dpo.sae.topk import TopKSAE
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
@@ -42,11 +46,7 @@ class SaeSpec:
 
     def build(self) -> nn.Module:
         if self.variant == "paper":
-            from misp_dpo.sae.paper import FusedDifferenceSAE
-
             return FusedDifferenceSAE(self.dim, self.latents, self.rho, self.gamma)
-        from misp_dpo.sae.topk import TopKSAE
-
         return TopKSAE(self.dim, self.latents, self.k)
 
     def describe(self) -> dict[str, Any]:
@@ -70,8 +70,6 @@ class SaeSpec:
 
 def write_weights(model: nn.Module, path: Path) -> None:
     """The module's parameters and buffers, on CPU, contiguous, in one safetensors file."""
-    from safetensors.torch import save_file
-
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"format": FORMAT})
 
@@ -103,9 +101,6 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def read_model(folder: Path, device: str = "cpu") -> tuple[nn.Module, SaeSpec, dict[str, Any]]:
     """Rebuild the module of an SAE folder and load its tensors exactly (strict: no missing keys)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     cfg = read_config(folder)
     try:
         spec = SaeSpec(**cfg["spec"])

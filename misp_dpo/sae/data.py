@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 CHUNK_ITEMS = 8192  # = the Parquet row group size, so a chunk read touches one or two row groups
 WINDOW_CHUNKS = 4
@@ -74,8 +75,6 @@ def concat(chunks: list[Any]) -> Any:
     first = chunks[0]
     if isinstance(first[0], np.ndarray):
         return type(first)(*(np.concatenate(parts) for parts in zip(*chunks, strict=True)))
-    import torch
-
     return type(first)(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
 
 
@@ -157,8 +156,6 @@ def train_stream(
 def _index_like(data: Any, index: np.ndarray) -> Any:
     if isinstance(data[0], np.ndarray):
         return index
-    import torch
-
     return torch.as_tensor(index, device=data[0].device)
 
 

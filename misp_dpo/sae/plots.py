@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 CURVES = {
     "paper": (("loss", "recon", "kl"), ("rho_hat_min", "rho_hat_max")),
@@ -25,9 +27,6 @@ def plot_curves(history: dict[str, list[float]], metrics: dict[str, Any], varian
 
     Uses the Agg canvas directly (no pyplot state), so it works headless and in worker processes.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)
     (loss_ax, sparse_ax), (hist_ax, share_ax) = fig.subplots(2, 2)

@@ -162,7 +162,7 @@ def test_upload_without_network_is_refused_in_one_line(
     with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
         upload(tmp_path, "someone/tiny", dry_run=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # whatever this machine has stored
+    monkeypatch.setattr("misp_dpo.mining.hub.get_token", lambda: None)  # whatever this machine has stored
     with pytest.raises(UserError, match="no Hugging Face token"):
         upload(tmp_path, "someone/tiny", dry_run=False)
 
