@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from misp_dpo.errors import UserError
 from misp_dpo.pipelines.io import fixed_width_ids, iter_batches, vectors_to_numpy
-from misp_dpo.pipelines.manifest import Manifest, read_manifest
+from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
 
 EMBED_STAGE = "embed"
 
@@ -120,8 +120,6 @@ def upstream_embeddings(manifest: Manifest, flag: str) -> tuple[Manifest, ClipMo
     Such outputs record `meta["embeddings_dir"]` and `inputs["embeddings"]`, so `mine` needs only
     `--candidates` and `--sae` and still refuses embeddings changed since.
     """
-    from misp_dpo.pipelines.manifest import manifest_hash
-
     where = f"{flag} {manifest.root}"
     folder = manifest.meta.get("embeddings_dir")
     if not folder:

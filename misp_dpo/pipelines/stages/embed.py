@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from misp_dpo.config import option
 from misp_dpo.embed.clip import (
+    ClipEncoder,
     Device,
     ModelDescription,
     clip_device,
@@ -30,6 +31,8 @@ from misp_dpo.embed.clip import (
     describe_model,
     fetch_weights,
 )
+from misp_dpo.embed.decode import TaskBatches, loader
+from misp_dpo.embed.encode import embed_batches
 from misp_dpo.embed.pairs import PairColumns, PairsTable, open_pairs
 from misp_dpo.embed.readers import Corpus, FolderCorpus, TableCorpus, TarCorpus, open_corpus
 from misp_dpo.errors import UserError
@@ -177,10 +180,6 @@ class EmbedStage(Stage[EmbedConfig]):
         return Plan(num_tasks=cfg.tasks, inputs=inputs, meta=meta, work=EmbedWork(model, pairs, corpus))
 
     def run_task(self, cfg: EmbedConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.embed.clip import ClipEncoder
-        from misp_dpo.embed.decode import TaskBatches, loader
-        from misp_dpo.embed.encode import embed_batches
-
         work: EmbedWork = plan.work
         device = clip_device(cfg.device)
         if compute_identity(device) != plan.inputs["compute"]:

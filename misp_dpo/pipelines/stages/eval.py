@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from misp_dpo.config import option
+from misp_dpo.dpo.model import check_model_spec
 from misp_dpo.errors import UserError
 from misp_dpo.eval.config import EvalConfig
-from misp_dpo.eval.probes import parse_probe_spec
+from misp_dpo.eval.evaluate import ANSWERS, evaluate
+from misp_dpo.eval.models import resolve_base
+from misp_dpo.eval.preference import find_pairs_table, load_preference_pairs
+from misp_dpo.eval.probes import load_probes, parse_probe_spec
+from misp_dpo.eval.summary import summary_table
 from misp_dpo.log import log_event
 from misp_dpo.pipelines.io import atomic_path, sha256_file, write_json
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
@@ -61,11 +66,6 @@ class EvalStage(Stage[EvalStageConfig]):
     resources = TaskResources(cpus=2.0, gpus=1.0)
 
     def plan(self, cfg: EvalStageConfig) -> Plan:
-        from misp_dpo.dpo.model import check_model_spec
-        from misp_dpo.eval.models import resolve_base
-        from misp_dpo.eval.preference import find_pairs_table, load_preference_pairs
-        from misp_dpo.eval.probes import load_probes
-
         if not _specs(cfg) and cfg.pairs is None:
             raise UserError("eval: nothing to evaluate; pass --probes FILE[:SPLIT] and/or --pairs TABLE")
         if cfg.adapter is not None and not cfg.adapter.is_dir():
@@ -87,11 +87,6 @@ class EvalStage(Stage[EvalStageConfig]):
         return Plan(num_tasks=1, inputs=inputs, meta=meta)
 
     def run_task(self, cfg: EvalStageConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.eval.evaluate import ANSWERS, evaluate
-        from misp_dpo.eval.preference import load_preference_pairs
-        from misp_dpo.eval.probes import load_probes
-        from misp_dpo.eval.summary import summary_table
-
         options = cfg.eval_options
         probes = load_probes(_specs(cfg), cfg.image_root) if _specs(cfg) else None
         pairs = load_preference_pairs(cfg.pairs, cfg.image_root, options.limit) if cfg.pairs else None

@@ -14,21 +14,22 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import open_clip
 import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
 
 from misp_dpo.config import option
+from misp_dpo.embed import fit_clip
 from misp_dpo.embed.clip import CONFIG_FILE, TINY_MODEL, WEIGHTS_FILE, register_model_configs
+from misp_dpo.embed.synth import IMAGE_SIZE
 from misp_dpo.errors import UserError
 from misp_dpo.log import log_event, progress
 from misp_dpo.pipelines.io import atomic_path
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext
-
-if TYPE_CHECKING:
-    from misp_dpo.embed.fit_clip import SynthData
 
 METRICS_FILE = "metrics.json"
 LOG_EVERY = 50
@@ -72,8 +73,6 @@ class FitClipStage(Stage[FitClipConfig]):
     config = FitClipConfig
 
     def plan(self, cfg: FitClipConfig) -> Plan:
-        import open_clip
-
         synth = read_manifest(cfg.corpus, "synth", "--corpus")
         register_model_configs()
         if open_clip.get_model_config(cfg.arch) is None:
@@ -86,12 +85,6 @@ class FitClipStage(Stage[FitClipConfig]):
         return Plan(num_tasks=1, inputs={"corpus": manifest_hash(cfg.corpus)}, meta={"arch": cfg.arch})
 
     def run_task(self, cfg: FitClipConfig, plan: Plan, ctx: TaskContext) -> None:
-        import open_clip
-        import torch
-        from safetensors.torch import save_file
-
-        from misp_dpo.embed import fit_clip
-
         data = _load_corpus(cfg.corpus)
         train_rows, held_rows = fit_clip.split_holdout(
             len(data.codes), round(len(data.codes) * cfg.holdout), cfg.seed
@@ -133,11 +126,8 @@ class FitClipStage(Stage[FitClipConfig]):
         ctx.count("heldout_images", len(held_rows))
 
 
-def _load_corpus(folder: Path) -> SynthData:
+def _load_corpus(folder: Path) -> fit_clip.SynthData:
     """The synth corpus's images and attribute codes, the images decoded once into uint8."""
-    from misp_dpo.embed import fit_clip
-    from misp_dpo.embed.synth import IMAGE_SIZE
-
     table = pq.read_table(folder / "attributes.parquet")
     names = [n for n in table.column_names if n != "image"]
     codes, vocab = [], []
@@ -152,8 +142,6 @@ def _load_corpus(folder: Path) -> SynthData:
 
 def _checkpoint_config(arch: str, model: object) -> dict[str, object]:
     """open_clip's local-dir config: the architecture and the preprocessing the model was trained with."""
-    import open_clip
-
     preprocess = model.visual.preprocess_cfg  # type: ignore[attr-defined]
     return {
         "model_cfg": open_clip.get_model_config(arch),

@@ -18,18 +18,22 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from misp_dpo import __version__
 from misp_dpo.config import option, to_dict
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER, log_event
+from misp_dpo.mining.card import card_markdown
 from misp_dpo.mining.mine import Images, MineSettings, PoolBatch, mine_pools
+from misp_dpo.mining.plots import gather_fields, render_histograms, summary
 from misp_dpo.mining.scores import PoolEncoder
 from misp_dpo.mining.strategies import NEEDS_SAE, check_sae_variant
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.embeddings import ClipModelInfo, ImageStore, upstream_embeddings
-from misp_dpo.pipelines.io import task_rows
+from misp_dpo.pipelines.io import atomic_path, iter_batches, task_rows
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import iter_pools
 from misp_dpo.pipelines.stage import Plan, ShardedConfig, Stage, TaskContext, TaskResources
+from misp_dpo.sae import load_sae
 
 PREFIX = schemas.NEGATIVES_SHARD_PREFIX
 CARD = "README.md"
@@ -55,9 +59,7 @@ class MineConfig(ShardedConfig):
 
 
 def load_sae_encoder(folder: Path, device: str) -> PoolEncoder:
-    """The trained SAE of an `sae` output (imported lazily: torch is only needed with an SAE)."""
-    from misp_dpo.sae import load_sae
-
+    """The trained SAE of an `sae` output, as the pool encoder mining scores with."""
     return load_sae(folder, device=device)  # type: ignore[return-value]  # sae's PoolCodes twin of mining's
 
 
@@ -140,10 +142,9 @@ class MineStage(Stage[MineConfig]):
         return schemas.NEGATIVES if cfg.settings.format == "listwise" else schemas.NEGATIVES_PAIRWISE
 
     def run_task(self, cfg: MineConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.pipelines.manifest import read_manifest as read
-
         work: MineWork = plan.work
-        candidates, embeddings = read(work.candidates, "candidates"), read(work.embeddings, "embed")
+        candidates = read_manifest(work.candidates, "candidates")
+        embeddings = read_manifest(work.embeddings, "embed")
         lo, hi = task_rows(work.total, ctx.task, ctx.num_tasks)
         store = ImageStore.load(embeddings)
         encoder = load_sae_encoder(cfg.sae, cfg.device) if cfg.sae is not None else None
@@ -182,11 +183,6 @@ class MineStage(Stage[MineConfig]):
 
 def write_card(out: Path, config: dict[str, Any], meta: dict[str, Any], stats: dict[str, Any]) -> list[str]:
     """README.md and its histogram PNGs next to the shards; returns their names for the manifest."""
-    from misp_dpo import __version__
-    from misp_dpo.mining.card import card_markdown
-    from misp_dpo.mining.plots import gather_fields, render_histograms, summary
-    from misp_dpo.pipelines.io import atomic_path, iter_batches
-
     values = gather_fields(iter_batches(sorted(out.glob(f"{PREFIX}-*.parquet"))))
     images = render_histograms(values)
     for name, png in images.items():

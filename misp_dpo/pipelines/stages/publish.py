@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from misp_dpo import __version__
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.image_uris import read_uri
@@ -21,6 +22,7 @@ from misp_dpo.log import log_event
 from misp_dpo.mining.card import dataset_name, portable
 from misp_dpo.mining.exports import SWIFT_IMAGE_ROWS, SWIFT_TEXT_ROWS, TRL_ROWS, publish_batch
 from misp_dpo.mining.hub import DATA_DIR, SHARD_PREFIXES, hub_card, upload
+from misp_dpo.mining.plots import gather_fields
 from misp_dpo.mining.publish import HF_ROWS, PublishSettings
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import atomic_path, iter_row_range, task_rows
@@ -118,9 +120,6 @@ class PublishStage(Stage[PublishConfig]):
             writer.close()
 
     def finalize(self, cfg: PublishConfig, plan: Plan, out: Path, stats: dict[str, Any]) -> list[str]:
-        from misp_dpo import __version__
-        from misp_dpo.mining.plots import gather_fields
-
         work: PublishWork = plan.work
         values = gather_fields(iter_row_range(work.shards, work.rows, 0, sum(work.rows), ["negatives"]))
         mine = plan.meta["negatives"]

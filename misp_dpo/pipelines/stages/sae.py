@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
@@ -29,7 +30,12 @@ from misp_dpo.pipelines.io import atomic_path, iter_batches, write_json
 from misp_dpo.pipelines.manifest import Manifest, manifest_hash, read_manifest
 from misp_dpo.pipelines.pools import iter_pools
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
+from misp_dpo.sae.checkpoint import CONFIG, WEIGHTS, sae_device, write_config, write_weights
 from misp_dpo.sae.config import SaeSettings
+from misp_dpo.sae.data import Dataset, PoolChunk, VectorChunk, concat, heldout_mask
+from misp_dpo.sae.plots import plot_curves
+from misp_dpo.sae.stats import UnusableInput
+from misp_dpo.sae.trainer import TrainSettings, train_sae
 
 CHECKPOINT = "_checkpoint.pt"
 CHECKPOINT_SECONDS = 300.0
@@ -99,10 +105,6 @@ class SaeStage(Stage[SaeConfig]):
         return Plan(num_tasks=1, inputs=inputs, meta=meta, work=SaeWork(candidates.root, embeddings.root))
 
     def run_task(self, cfg: SaeConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.sae.checkpoint import sae_device
-        from misp_dpo.sae.stats import UnusableInput
-        from misp_dpo.sae.trainer import TrainSettings, train_sae
-
         work: SaeWork = plan.work
         candidates, embeddings = (
             read_manifest(work.candidates, "candidates"),
@@ -159,9 +161,7 @@ def _check_finite(store: ImageStore, embeddings: Manifest) -> None:
         )
 
 
-def _topk_dataset(cfg: SaeConfig, store: ImageStore) -> Any:
-    from misp_dpo.sae.data import Dataset, VectorChunk, heldout_mask
-
+def _topk_dataset(cfg: SaeConfig, store: ImageStore) -> Dataset:
     ids = store.ids
     heldout = np.concatenate(
         [
@@ -173,10 +173,8 @@ def _topk_dataset(cfg: SaeConfig, store: ImageStore) -> Any:
     return Dataset(len(ids), heldout, lambda lo, hi: VectorChunk(vectors[lo:hi]))
 
 
-def _paper_dataset(cfg: SaeConfig, candidates: Manifest, embeddings: Manifest, store: ImageStore) -> Any:
+def _paper_dataset(cfg: SaeConfig, candidates: Manifest, embeddings: Manifest, store: ImageStore) -> Dataset:
     """Pairs as items: held-out flags by pair id and the widest pool, in one pass over the candidates."""
-    from misp_dpo.sae.data import Dataset, heldout_mask
-
     flags, width = [], 0
     for batch in iter_batches(candidates.shard_paths("candidates"), ["pair_id", "candidates"]):
         flags.append(heldout_mask(batch.column(0).to_pylist(), cfg.heldout))
@@ -195,9 +193,7 @@ class _PoolReader:
     def __init__(self, candidates: Manifest, embeddings: Manifest, store: ImageStore, width: int) -> None:
         self.candidates, self.embeddings, self.store, self.width = candidates, embeddings, store, width
 
-    def __call__(self, lo: int, hi: int) -> Any:
-        from misp_dpo.sae.data import PoolChunk, concat
-
+    def __call__(self, lo: int, hi: int) -> PoolChunk:
         parts = []
         for batch in iter_pools(self.candidates, self.embeddings, self.store, lo, hi, READ_PAIRS):
             bad = ~np.isfinite(batch.prompt).all(axis=1)
@@ -220,8 +216,6 @@ class _FileCheckpointer:
         self.path, self.last = path, time.monotonic()
 
     def load(self) -> dict[str, Any] | None:
-        import torch
-
         if not self.path.is_file():
             return None
         try:
@@ -231,8 +225,6 @@ class _FileCheckpointer:
             return None
 
     def save(self, state: dict[str, Any]) -> None:
-        import torch
-
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
         self.last = time.monotonic()
@@ -242,9 +234,6 @@ class _FileCheckpointer:
 
 
 def _write_outputs(ctx: TaskContext, cfg: SaeConfig, plan: Plan, result: Any) -> None:
-    from misp_dpo.sae.checkpoint import CONFIG, WEIGHTS, write_config, write_weights
-    from misp_dpo.sae.plots import plot_curves
-
     training = {k: v for k, v in asdict(result.settings).items() if k not in ("device", "preload_bytes")}
     extra = {
         "clip": plan.meta["clip"],
