@@ -4,12 +4,15 @@ For every pair: log pi_ref(chosen | x, m) for the positive and each stored negat
 log pi_ref(rejected | x, m_p) when the pair has a rejected response, as rows (pair_id, image_id,
 response, logp). A pair with an image that cannot be read is reported as a failure and left out.
 `ReferenceLogps` lines the rows up with the dataset as dense arrays (NaN where missing).
+`reference_pass` is what training runs: the rows from a `ReferenceCache` when it holds them for this
+policy, else computed (split over torchrun ranks) and handed to the cache, so a resumed or repeated
+run skips the pass; the cache's storage (a Parquet file of the train stage) is the caller's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 
 from misp_dpo.dpo.data import PairRecord, PreferenceData, SampleError, load_image
+from misp_dpo.dpo.distributed import DistInfo, barrier, gather_objects
 from misp_dpo.dpo.model import Policy
 from misp_dpo.dpo.sequences import SequenceEncoder, collate, sequence_logps
 from misp_dpo.log import progress
@@ -82,6 +86,36 @@ def compute_reference(
     bar.close()
     policy.model.train(was_training)
     return reference_table(keys, logps), failures
+
+
+class ReferenceCache(Protocol):
+    """Where reference log-probs persist between runs, keyed by the policy's `identity`."""
+
+    def load(self, identity: dict[str, Any]) -> tuple[pa.Table, list[Failure]] | None:
+        """The stored rows and failures for a policy of `identity`; None when nothing is stored."""
+
+    def save(self, table: pa.Table, identity: dict[str, Any], failures: list[Failure]) -> None:
+        """Store a pass's rows and failures (called on rank 0 only)."""
+
+
+def reference_pass(
+    policy: Policy, data: PreferenceData, batch_size: int, dist: DistInfo, cache: ReferenceCache
+) -> tuple[pa.Table, list[Failure]]:
+    """Every pair's reference rows and the failures: from `cache`, else computed, each rank taking
+    rows rank, rank + world, ..., gathered on every rank and saved by rank 0."""
+    cached = cache.load(policy.identity)
+    if cached is not None:
+        table, failures = cached
+    else:
+        rows = np.arange(dist.rank, len(data), dist.world)
+        table, failures = compute_reference(policy, data, rows, batch_size, dist.is_main)
+        parts = gather_objects((table, failures))
+        table = pa.concat_tables([t for t, _ in parts])
+        failures = sorted(f for _, fs in parts for f in fs)
+        if dist.is_main:
+            cache.save(table, policy.identity, failures)
+    barrier()
+    return table, failures
 
 
 def reference_table(keys: list[Key], logps: list[float]) -> pa.Table:

@@ -1,4 +1,5 @@
-"""Run the loop from the last checkpoint to the end, writing metrics, checkpoints and the trained weights.
+"""The train stage's core: `train_policy` loads the policy, gets the reference log-probs, and runs the
+loop from the last checkpoint to the end, writing metrics, checkpoints and the trained weights.
 
 Only rank 0 writes (metrics.jsonl, checkpoints, the adapter); every rank computes. On resume the
 newest checkpoint restores weights, optimizer, schedule and RNGs, and metrics.jsonl is cut back to
@@ -10,15 +11,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from misp_dpo.dpo.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from misp_dpo.dpo.data import PreferenceData
-from misp_dpo.dpo.distributed import DistInfo, barrier
+from misp_dpo.dpo.distributed import DistInfo, barrier, init, shutdown
 from misp_dpo.dpo.loop import (
     LoopConfig,
     TrainState,
@@ -29,8 +32,8 @@ from misp_dpo.dpo.loop import (
     total_steps,
 )
 from misp_dpo.dpo.losses import LossConfig
-from misp_dpo.dpo.model import Policy, base_reference, save_policy
-from misp_dpo.dpo.reference import ReferenceLogps
+from misp_dpo.dpo.model import ModelConfig, Policy, base_reference, load_policy, save_policy
+from misp_dpo.dpo.reference import Failure, ReferenceCache, ReferenceLogps, align_reference, reference_pass
 from misp_dpo.dpo.sequences import SequenceEncoder
 from misp_dpo.dpo.step import StepPlan
 from misp_dpo.dpo.tiny import parse_tiny, tiny_model, tiny_processor
@@ -41,6 +44,59 @@ PROPOSAL_FITS = "proposal_fits.jsonl"  # --proposal fitted: q_phi's w at each re
 ADAPTER = "adapter"  # LoRA: the peft adapter folder
 MODEL = "model"  # --no-lora: the whole fine-tuned model
 BASE = "base"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one process did: counts for the stats, the reference pass's failures, files rank 0 wrote."""
+
+    pairs: int
+    trained_pairs: int
+    steps: int
+    failures: list[Failure]  # (pair_id, reason, detail)
+    files: list[str]  # relative to `out`
+
+
+class NothingToTrain(ValueError):
+    """No pair of the dataset can be trained on; the caller names the dataset in its error."""
+
+
+def train_policy(
+    negatives: pa.Table,
+    image_root: Path,
+    out: Path,
+    *,
+    model: str,
+    options: ModelConfig,
+    loss: LossConfig,
+    loop: LoopConfig,
+    seed: int,
+    dist: DistInfo,
+    cache: ReferenceCache,
+    facts: Mapping[str, Any],
+) -> TrainOutcome:
+    """Train `model` on the listwise `negatives` rows (images under `image_root`): all one process does.
+
+    Every torchrun rank calls this; rank 0 alone writes under `out` (metrics, checkpoints, the trained
+    weights, their card listing `facts`). Raises NothingToTrain when no pair has readable images and
+    reference log-probs.
+    """
+    policy = load_policy(model, options, seed, dist.local_rank)
+    init(dist, policy.device)
+    data = PreferenceData(negatives, image_root)
+    table, failures = reference_pass(policy, data, loop.ref_batch_size, dist, cache)
+    reference = align_reference(table, data)
+    rows = reference.trainable(data.counts)
+    if len(rows) == 0:
+        raise NothingToTrain("no pair has readable images and negatives to train on")
+    state = build_state(policy, data, reference, rows, loss, loop, seed, dist)
+    records = run_training(state, out, show_progress=dist.is_main)
+    files = save_outputs(policy, model, seed, out, facts) if dist.is_main else []
+    barrier()
+    shutdown()
+    if records:
+        log_event("training done", **{k: records[-1][k] for k in ("step", "loss", "accuracy", "margin")})
+    return TrainOutcome(len(data), len(rows), total_steps(loop, len(rows), dist.world), failures, files)
 
 
 def build_state(

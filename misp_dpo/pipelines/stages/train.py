@@ -1,13 +1,15 @@
 """`misp-dpo train`: a single-task stage that trains a VLM on a `negatives/` dataset (docs/method.md).
 
-The task reads the dataset, loads the policy, computes (or reuses) the reference log-probs cache,
-trains with the cores in `misp_dpo.dpo`, and writes `adapter/` (safetensors), `metrics.jsonl` and
-`reference_logps.parquet`. Resume inside the task comes from the trainer's checkpoints; the runner's
-completion marker is written only once training has finished. Under torchrun every rank runs the
-task's computation; only rank 0 goes through the runner and writes.
+The task reads the dataset and calls the core, `misp_dpo.dpo.trainer.train_policy` (load the policy,
+reference pass, training), which writes `adapter/` (safetensors) and `metrics.jsonl`; the reference
+log-probs cache, `reference_logps.parquet`, is this stage's file (`ReferenceFile`), reused by a resumed
+task or another run's `--reference`. Resume inside the task comes from the trainer's checkpoints; the
+runner's completion marker is written only once training has finished. Under torchrun every rank
+runs the task's computation; only rank 0 goes through the runner and writes.
 
-Over the 150-line aim: `train_task` (load, reference pass, training, save) is still here and belongs
-in `misp_dpo.dpo` as the train entry point (to move once the dpo edits in flight land).
+Over the 150-line aim: the cache's file format is I/O and stays here: the model and dataset identity
+and the pass's failures live in its Parquet metadata, and a cache made for other inputs is refused in
+one line (at plan time for `--reference`).
 """
 
 from __future__ import annotations
@@ -15,27 +17,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from misp_dpo.config import option, to_dict
+from misp_dpo.dpo.distributed import DistInfo, from_env
 from misp_dpo.dpo.loop import LoopConfig
 from misp_dpo.dpo.losses import LossConfig
 from misp_dpo.dpo.model import ModelConfig, check_model_spec
+from misp_dpo.dpo.reference import Failure
+from misp_dpo.dpo.trainer import NothingToTrain, TrainOutcome, train_policy
 from misp_dpo.errors import UserError
 from misp_dpo.log import log_event
 from misp_dpo.pipelines import schemas
 from misp_dpo.pipelines.io import read_table, write_table
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
 from misp_dpo.pipelines.stage import Plan, Stage, StageConfig, TaskContext, TaskResources
-
-if TYPE_CHECKING:
-    from misp_dpo.dpo.data import PreferenceData
-    from misp_dpo.dpo.distributed import DistInfo
-    from misp_dpo.dpo.model import Policy
 
 MINE_STAGE = "mine"
 PREFIX = schemas.NEGATIVES_SHARD_PREFIX
@@ -68,17 +68,6 @@ class TrainConfig(StageConfig):
     model_options: ModelConfig = option(ModelConfig(), "how the model is loaded and what trains")
     loss: LossConfig = option(LossConfig(), "the MISP-DPO objective")
     loop: LoopConfig = option(LoopConfig(), "the training loop")
-
-
-@dataclass(frozen=True)
-class TrainTaskResult:
-    """What one process of the train task did: counts for the stats, failures, files rank 0 wrote."""
-
-    pairs: int
-    trained_pairs: int
-    steps: int
-    failures: list[tuple[str, str, str]]  # (pair_id, reason, detail)
-    files: list[str]  # relative to the output folder
 
 
 @dataclass(frozen=True)
@@ -124,8 +113,6 @@ class TrainStage(Stage[TrainConfig]):
         return Plan(num_tasks=1, inputs={"negatives": dataset}, meta=meta, work=work)
 
     def run_task(self, cfg: TrainConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.dpo.distributed import from_env
-
         result = train_task(cfg, plan.work, ctx.out, from_env())
         for pair_id, reason, detail in result.failures:
             ctx.fail(pair_id, reason, detail)
@@ -141,8 +128,6 @@ class TrainStage(Stage[TrainConfig]):
 
     def follow(self, cfg: TrainConfig, plan: Plan) -> None:
         """A torchrun rank other than 0: compute alongside rank 0, write nothing."""
-        from misp_dpo.dpo.distributed import from_env
-
         train_task(cfg, plan.work, cfg.out, from_env())
 
 
@@ -181,77 +166,56 @@ def check_reference_file(path: Path, expected: dict[str, Any]) -> dict[str, Any]
     return identity
 
 
-def _write_reference(table: pa.Table, path: Path, identity: dict[str, Any], failures: list[Any]) -> None:
-    """Sorted rows, with the identity (and the pass's failures, for a resumed task) in the metadata."""
-    metadata = {
-        **(schemas.REFERENCE_LOGPS.metadata or {}),
-        IDENTITY_KEY: json.dumps(identity, sort_keys=True).encode(),
-        FAILURES_KEY: json.dumps(failures).encode(),
-    }
-    keys = [("pair_id", "ascending"), ("image_id", "ascending"), ("response", "ascending")]
-    write_table(
-        table.take(pc.sort_indices(table, keys)), path, schemas.REFERENCE_LOGPS.with_metadata(metadata)
-    )
+class ReferenceFile:
+    """The core's reference cache as `reference_logps.parquet`: `--reference`, else the one an
+    interrupted run left in the output; a fresh pass is written to the output."""
 
+    def __init__(self, cfg: TrainConfig, work: TrainWork, out: Path, is_main: bool) -> None:
+        self.cfg, self.dataset, self.out, self.is_main = cfg, work.dataset, out, is_main
 
-def load_or_compute_reference(
-    cfg: TrainConfig, work: TrainWork, out: Path, policy: Policy, data: PreferenceData, dist: DistInfo
-) -> tuple[pa.Table, list[tuple[str, str, str]]]:
-    """The reference cache: `--reference`, the one an interrupted run left in `out`, or a fresh pass."""
-    import numpy as np
-
-    from misp_dpo.dpo.distributed import barrier, gather_objects
-    from misp_dpo.dpo.reference import compute_reference
-
-    identity = {"dataset": work.dataset, "model": policy.identity}
-    expected = {"dataset": work.dataset, "model": cfg.model, "model_identity": policy.identity}
-    cached = cfg.reference if cfg.reference is not None else out / REFERENCE
-    if cached.is_file():
-        check_reference_file(cached, expected)
-        failures = [tuple(f) for f in json.loads(pq.read_schema(cached).metadata.get(FAILURES_KEY, b"[]"))]
+    def load(self, identity: dict[str, Any]) -> tuple[pa.Table, list[Failure]] | None:
+        cached = self.cfg.reference if self.cfg.reference is not None else self.out / REFERENCE
+        if not cached.is_file():
+            return None
+        check_reference_file(
+            cached, {"dataset": self.dataset, "model": self.cfg.model, "model_identity": identity}
+        )
+        stored = json.loads(pq.read_schema(cached).metadata.get(FAILURES_KEY, b"[]"))
+        failures: list[Failure] = [(pair_id, reason, detail) for pair_id, reason, detail in stored]
         log_event("reusing reference log-probs", file=str(cached))
         table = pq.read_table(cached)
-        if dist.is_main and not (out / REFERENCE).is_file():  # the output keeps its own copy
-            _write_reference(table, out / REFERENCE, identity, failures)
-        barrier()
+        if self.is_main and not (self.out / REFERENCE).is_file():  # the output keeps its own copy
+            self.save(table, identity, failures)
         return table, failures
-    rows = np.arange(dist.rank, len(data), dist.world)
-    table, failures = compute_reference(policy, data, rows, cfg.loop.ref_batch_size, dist.is_main)
-    parts = gather_objects((table, failures))
-    table = pa.concat_tables([t for t, _ in parts])
-    failures = sorted(f for _, fs in parts for f in fs)
-    if dist.is_main:
-        _write_reference(table, out / REFERENCE, identity, failures)
-    barrier()
-    return table, failures
+
+    def save(self, table: pa.Table, identity: dict[str, Any], failures: list[Failure]) -> None:
+        """Sorted rows, with the identity (and the pass's failures, for a resumed task) in the metadata."""
+        metadata = {
+            **(schemas.REFERENCE_LOGPS.metadata or {}),
+            IDENTITY_KEY: json.dumps({"dataset": self.dataset, "model": identity}, sort_keys=True).encode(),
+            FAILURES_KEY: json.dumps(failures).encode(),
+        }
+        keys = [("pair_id", "ascending"), ("image_id", "ascending"), ("response", "ascending")]
+        schema = schemas.REFERENCE_LOGPS.with_metadata(metadata)
+        write_table(table.take(pc.sort_indices(table, keys)), self.out / REFERENCE, schema)
 
 
-def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> TrainTaskResult:
-    """Everything one process does for the train task; returns counts, failures and written files."""
-    from misp_dpo.dpo import distributed
-    from misp_dpo.dpo.data import PreferenceData
-    from misp_dpo.dpo.loop import total_steps
-    from misp_dpo.dpo.model import load_policy
-    from misp_dpo.dpo.reference import align_reference
-    from misp_dpo.dpo.trainer import build_state, run_training, save_outputs
-
-    policy = load_policy(cfg.model, cfg.model_options, cfg.seed, dist.local_rank)
-    distributed.init(dist, policy.device)
-    data = PreferenceData(read_table(work.shards), cfg.image_root or work.negatives)
-    table, failures = load_or_compute_reference(cfg, work, out, policy, data, dist)
-    reference = align_reference(table, data)
-    rows = reference.trainable(data.counts)
-    if len(rows) == 0:
-        raise UserError(
-            f"--negatives {work.negatives}: no pair has readable images and negatives to train on"
+def train_task(cfg: TrainConfig, work: TrainWork, out: Path, dist: DistInfo) -> TrainOutcome:
+    """What every process runs: read the negatives, train with the core, the reference cache in `out`."""
+    facts = {"dataset": str(work.negatives.resolve()), "loss": to_dict(cfg.loss), "loop": to_dict(cfg.loop)}
+    try:
+        return train_policy(
+            read_table(work.shards),
+            cfg.image_root or work.negatives,
+            out,
+            model=cfg.model,
+            options=cfg.model_options,
+            loss=cfg.loss,
+            loop=cfg.loop,
+            seed=cfg.seed,
+            dist=dist,
+            cache=ReferenceFile(cfg, work, out, dist.is_main),
+            facts=facts,
         )
-    state = build_state(policy, data, reference, rows, cfg.loss, cfg.loop, cfg.seed, dist)
-    records = run_training(state, out, show_progress=dist.is_main)
-    card = {"dataset": str(work.negatives.resolve()), "loss": to_dict(cfg.loss), "loop": to_dict(cfg.loop)}
-    files = save_outputs(policy, cfg.model, cfg.seed, out, card) if dist.is_main else []
-    distributed.barrier()
-    distributed.shutdown()
-    if records:
-        log_event("training done", **{k: records[-1][k] for k in ("step", "loss", "accuracy", "margin")})
-    steps = total_steps(cfg.loop, len(rows), dist.world)
-    return TrainTaskResult(len(data), len(rows), steps, failures, files)
+    except NothingToTrain as error:
+        raise UserError(f"--negatives {work.negatives}: {error}") from None
