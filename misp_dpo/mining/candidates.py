@@ -23,6 +23,9 @@ For a batch of pairs (docs/method.md §1):
    neighbours, which would always outrank them;
 5. rank the kept images by similarity to the positive (rank 0 = most similar), ties by store row.
 
+`candidate_pools`, the candidates stage's entry point, first sets aside the pairs it cannot serve (the
+positive missing from the corpus, a non-finite embedding) and gives them an empty pool in place.
+
 Everything is vectorised over the batch; candidates are gathered in sub-batches of at most
 GATHER_FLOATS floats (128 pairs x 160 candidates x 512 dimensions at the default pool), so memory
 stays flat whatever the pool size: a pool of 5000 gathers a few pairs at a time.
@@ -103,6 +106,56 @@ class RetrievedPools(NamedTuple):
     sizes: np.ndarray  # (P,) int64
     removed: dict[str, int]  # filter name -> candidates it removed
     retrieved: int  # distinct candidates retrieved before filtering
+
+
+class CandidatePools(NamedTuple):
+    """A batch's pools, one row per pair in batch order; an unusable pair's pool is empty."""
+
+    pools: RetrievedPools
+    usable: np.ndarray  # (P,) bool
+    unusable: list[tuple[int, str]]  # (index in the batch, why) of each unusable pair
+
+
+def candidate_pools(
+    search: SearchFn,
+    vectors: np.ndarray,
+    positive_rows: np.ndarray,
+    prompt: np.ndarray,
+    chosen: np.ndarray,
+    settings: PoolSettings,
+) -> CandidatePools:
+    """Pools for every pair of a batch; `positive_rows[p]` is -1 when the positive is not in the corpus.
+
+    Such a pair, or one with a non-finite embedding, is unusable: `build_pools` runs on the others.
+    """
+    positive_ok = positive_rows >= 0
+    finite = np.isfinite(prompt).all(axis=1) & np.isfinite(chosen).all(axis=1)
+    finite &= np.isfinite(vectors[np.maximum(positive_rows, 0)]).all(axis=1)
+    usable = positive_ok & finite
+    unusable = [
+        (
+            int(p),
+            "positive image missing from the embeddings" if not positive_ok[p] else "non-finite embedding",
+        )
+        for p in np.flatnonzero(~usable)
+    ]
+    found = build_pools(search, vectors, positive_rows[usable], prompt[usable], chosen[usable], settings)
+    return CandidatePools(_expand(found, usable), usable, unusable)
+
+
+def _expand(found: RetrievedPools, usable: np.ndarray) -> RetrievedPools:
+    """Pools of the usable pairs placed back among all pairs of the batch (the others empty)."""
+    rows = np.full((len(usable), found.rows.shape[1]), -1, dtype=np.int64)
+    sim_image = np.zeros(rows.shape, dtype=np.float32)
+    sim_prompt = np.zeros(rows.shape, dtype=np.float32)
+    sizes = np.zeros(len(usable), dtype=np.int64)
+    rows[usable], sim_image[usable], sim_prompt[usable], sizes[usable] = (
+        found.rows,
+        found.sim_image,
+        found.sim_prompt,
+        found.sizes,
+    )
+    return RetrievedPools(rows, sim_image, sim_prompt, sizes, found.removed, found.retrieved)
 
 
 def build_pools(

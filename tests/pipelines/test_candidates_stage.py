@@ -84,7 +84,7 @@ def test_resume_after_a_crash_and_a_reused_index_give_identical_bytes(
     reference = tmp_path / "reference"
     run(embeddings.root, reference, batch_size=8)
     stage_module.CORPUS.clear()
-    real, calls = stage_module.build_pools, []
+    real, calls = stage_module.candidate_pools, []
 
     def crash_on_fourth_batch(*args: object, **kwargs: object) -> object:
         calls.append(1)
@@ -92,12 +92,12 @@ def test_resume_after_a_crash_and_a_reused_index_give_identical_bytes(
             raise RuntimeError("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage_module, "build_pools", crash_on_fourth_batch)
+    monkeypatch.setattr(stage_module, "candidate_pools", crash_on_fourth_batch)
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(embeddings.root, resumed, batch_size=8)
     assert (resumed / "candidates-00000.parquet").exists() and not (resumed / "manifest.json").exists()
-    monkeypatch.setattr(stage_module, "build_pools", real)
+    monkeypatch.setattr(stage_module, "candidate_pools", real)
     stage_module.CORPUS.clear()
     run(embeddings.root, resumed, batch_size=8)  # loads the saved index
     assert digest(resumed) == digest(reference)

@@ -9,8 +9,8 @@ index is saved under `_index/` of the output (or `--index-dir`) and reused by re
 and other processes (see `index_files`), with byte-identical outputs either way.
 
 Over the 150-line aim: it checks every embeddings shard against its manifest before any work, owns the
-per-process corpus/index loading and the GPU layout options, and still holds `_expand` (pool
-expansion), which belongs in `misp_dpo.mining.candidates` (to move once issue 14's edits there land).
+per-process corpus/index loading and the GPU layout options, and writes the pools as the contract's
+`candidates` column (list<struct>), all I/O.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
 from misp_dpo.log import LOGGER
-from misp_dpo.mining.candidates import FILTERS, PoolSettings, RetrievedPools, build_pools
+from misp_dpo.mining.candidates import FILTERS, PoolSettings, RetrievedPools, candidate_pools
 from misp_dpo.mining.index import (
     IndexSpec,
     Searcher,
@@ -204,51 +204,26 @@ def pool_batch(
     small: list[str],
 ) -> pa.Table:
     """One row per pair of `batch`: its filtered pool (empty for a pair that failed), counted."""
-    pair_ids = batch.column(0)
-    rows = store.rows(batch.column(1))
-    prompt = vectors_to_numpy(batch.column(2))
-    chosen = vectors_to_numpy(batch.column(3))
-    positive_ok = rows >= 0
-    finite = np.isfinite(prompt).all(axis=1) & np.isfinite(chosen).all(axis=1)
-    finite &= np.isfinite(store.vectors[np.maximum(rows, 0)]).all(axis=1)
-    ok = positive_ok & finite
-    for p in np.flatnonzero(~ok):
-        reason = (
-            "positive image missing from the embeddings" if not positive_ok[p] else "non-finite embedding"
-        )
-        ctx.fail(f"pair {pair_ids[p].as_py()}", reason, f"image_id {batch.column(1)[p].as_py()}")
-    found = build_pools(searcher.search, store.vectors, rows[ok], prompt[ok], chosen[ok], settings)
-    pools = _expand(found, ok)
-    _count(ctx, found, len(batch), settings)
-    too_small = np.flatnonzero(ok & (pools.sizes < settings.min_pool))
+    pair_ids, image_ids = batch.column(0), batch.column(1)
+    prompt, chosen = vectors_to_numpy(batch.column(2)), vectors_to_numpy(batch.column(3))
+    found = candidate_pools(searcher.search, store.vectors, store.rows(image_ids), prompt, chosen, settings)
+    for p, reason in found.unusable:
+        ctx.fail(f"pair {pair_ids[p].as_py()}", reason, f"image_id {image_ids[p].as_py()}")
+    too_small = np.flatnonzero(found.usable & (found.pools.sizes < settings.min_pool))
+    _count(ctx, found.pools, len(batch), len(too_small))
     small.extend(pair_ids[int(p)].as_py() for p in too_small[: max(0, 5 - len(small))])
-    columns = {"pair_id": pair_ids, "image_id": batch.column(1), "candidates": pool_column(pools, store.ids)}
+    columns = {"pair_id": pair_ids, "image_id": image_ids, "candidates": pool_column(found.pools, store.ids)}
     return pa.table(columns, schema=schemas.CANDIDATES)
 
 
-def _expand(found: RetrievedPools, ok: np.ndarray) -> RetrievedPools:
-    """Pools of the valid pairs placed back among all pairs of the batch (failed ones empty)."""
-    rows = np.full((len(ok), found.rows.shape[1]), -1, dtype=np.int64)
-    sim_image = np.zeros(rows.shape, dtype=np.float32)
-    sim_prompt = np.zeros(rows.shape, dtype=np.float32)
-    sizes = np.zeros(len(ok), dtype=np.int64)
-    rows[ok], sim_image[ok], sim_prompt[ok], sizes[ok] = (
-        found.rows,
-        found.sim_image,
-        found.sim_prompt,
-        found.sizes,
-    )
-    return RetrievedPools(rows, sim_image, sim_prompt, sizes, found.removed, found.retrieved)
-
-
-def _count(ctx: TaskContext, found: RetrievedPools, n_pairs: int, settings: PoolSettings) -> None:
+def _count(ctx: TaskContext, pools: RetrievedPools, n_pairs: int, small_pools: int) -> None:
     ctx.count("items", n_pairs)
     ctx.count("pairs", n_pairs)
-    ctx.count("retrieved", found.retrieved)
-    ctx.count("candidates", int(found.sizes.sum()))
-    ctx.count("small_pools", int((found.sizes < settings.min_pool).sum()))
+    ctx.count("retrieved", pools.retrieved)
+    ctx.count("candidates", int(pools.sizes.sum()))
+    ctx.count("small_pools", small_pools)
     for name in FILTERS:
-        ctx.count(f"removed_{name}", found.removed[name])
+        ctx.count(f"removed_{name}", pools.removed[name])
 
 
 def pool_column(pools: RetrievedPools, ids: np.ndarray) -> pa.ListArray:
