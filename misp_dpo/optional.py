@@ -3,7 +3,9 @@
 Mining needs none of them: `train` (transformers, peft) trains and evaluates VLMs, `ray` runs stages on
 a Ray cluster, and retrieval needs FAISS from exactly one of `cpu` and `gpu` (the candidates stage says
 which to install). Install layers are declared in pyproject.toml; this module is the one place that
-turns a missing one into a one-line UserError (datatrove's `utils/_import_utils.py` habit).
+turns a missing one into a one-line UserError (datatrove's `utils/_import_utils.py` habit). A function
+imports an extra's package after `require` or through `import_extra` / `import_faiss`; everything
+else is imported at module level (tests/test_import_boundaries.py checks both).
 """
 
 from __future__ import annotations
