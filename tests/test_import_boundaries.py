@@ -158,6 +158,10 @@ def test_runtime_finds_stages_only_through_the_registry_the_cli_passes() -> None
 # through optional.require) with that rewrite, which then deletes these entries.
 FIT_VLM_PENDING = "fit-vlm's files are being rewritten elsewhere; module level (or require) with that"
 LOCAL_IMPORTS_KEPT: dict[tuple[str, str, str], str] = {
+    ("misp_dpo/embed/clip.py", "open_clip_module", "open_clip"): (
+        "open_clip imports timm and transformers (3-4 s), and the CLI imports every stage's config: "
+        "`misp-dpo --help` would pay it; one accessor imports it on first use"
+    ),
     ("misp_dpo/eval/fit_vlm.py", "greedy_answers", "transformers"): FIT_VLM_PENDING,
     ("misp_dpo/eval/fit_vlm.py", "accuracy_by_attribute", "misp_dpo.eval.scoring"): FIT_VLM_PENDING,
     ("misp_dpo/eval/fit_vlm.py", "clip_teacher", "misp_dpo.embed.clip"): FIT_VLM_PENDING,

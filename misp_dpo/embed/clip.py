@@ -21,13 +21,12 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
 
 from misp_dpo.errors import UserError
@@ -56,10 +55,19 @@ _HOW_TO_NAME = (
 )
 
 
+def open_clip_module() -> ModuleType:
+    """open_clip, imported on first use. It imports timm and, where installed, transformers (3-4 s on
+    2 cores), and every CLI command imports every stage's config to build its flags: imported at
+    module level, `misp-dpo --help` would pay it."""
+    import open_clip
+
+    return open_clip
+
+
 def register_model_configs() -> None:
     """Make the package's model configs (misp-tiny-clip) known to open_clip; idempotent."""
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(MODEL_CONFIGS)
+    if TINY_MODEL not in open_clip_module().list_models():
+        open_clip_module().add_model_config(MODEL_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ def local_weights(folder: Path) -> Path | None:
 
 def _preprocess(model_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """open_clip's final preprocessing: defaults, then the checkpoint's, then the tower's image size."""
-    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), overrides)
+    transform = open_clip_module().transform
+    cfg = transform.merge_preprocess_dict(asdict(transform.PreprocessCfg()), overrides)
     size = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
     cfg["size"] = list(size) if isinstance(size, (list, tuple)) else [size, size]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
@@ -129,7 +138,7 @@ def _describe_local(model: str, flag: str) -> ModelDescription:
 
 
 def _describe_registry(model: str, pretrained: str, flag: str) -> ModelDescription:
-    model_cfg = open_clip.get_model_config(model)
+    model_cfg = open_clip_module().get_model_config(model)
     if model_cfg is None:
         raise UserError(f"{flag} {model}: not a known open_clip model; {_HOW_TO_NAME}")
     overrides: dict[str, Any] = {}
@@ -138,9 +147,9 @@ def _describe_registry(model: str, pretrained: str, flag: str) -> ModelDescripti
     elif Path(pretrained).is_file():
         fingerprint = _sha256(Path(pretrained))
     else:
-        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        tag_cfg = open_clip_module().get_pretrained_cfg(model, pretrained)
         if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(model)
+            tags = open_clip_module().list_pretrained_tags_by_model(model)
             known = ", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "") if tags else "none"
             raise UserError(
                 f"--pretrained {pretrained}: not a tag of {model} (tags: {known}) nor a weights file; "
@@ -176,11 +185,11 @@ def describe_model(model: str, pretrained: str = "", flag: str = "--model") -> M
 
 def fetch_weights(description: ModelDescription) -> None:
     """Download registry weights once, before tasks start (else every task would race to)."""
-    tag_cfg = open_clip.get_pretrained_cfg(description.model, description.pretrained)
+    tag_cfg = open_clip_module().get_pretrained_cfg(description.model, description.pretrained)
     if not tag_cfg:
         return
     try:
-        open_clip.download_pretrained(tag_cfg)
+        open_clip_module().download_pretrained(tag_cfg)
     except Exception as error:  # noqa: BLE001 - any download failure is the same fix for the user
         raise UserError(
             f"--pretrained {description.pretrained}: could not get the weights of {description.model} "
@@ -213,16 +222,17 @@ class ClipEncoder:
         register_model_configs()
         torch.manual_seed(seed)  # random weights (no --pretrained) are then the same in every task
         pretrained = description.pretrained or None
-        self.model = open_clip.create_model(description.model, pretrained=pretrained, device=device)
+        self.model = open_clip_module().create_model(description.model, pretrained=pretrained, device=device)
         self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(description.model)
+        self.tokenizer = open_clip_module().get_tokenizer(description.model)
         self.device = torch.device(device)
         self.description = description
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval image transform (PIL image -> tensor), for the decoding workers."""
         cfg = dict(self.model.visual.preprocess_cfg)
-        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        transform = open_clip_module().transform
+        return transform.image_transform_v2(transform.PreprocessCfg(**cfg), is_train=False)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 from PIL import Image
 
 from misp_dpo.embed import synth
+from misp_dpo.embed.clip import open_clip_module
 
 # Share of the steps spent warming the learning rate up, then cosine decay to zero.
 WARMUP_SHARE = 0.1
@@ -174,7 +174,7 @@ def train_clip(
     optimizer = torch.optim.AdamW(
         _param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98)
     )
-    loss_fn = ClipLoss()
+    loss_fn = open_clip_module().ClipLoss()
     model.train()
     losses = []
     started = time.perf_counter()

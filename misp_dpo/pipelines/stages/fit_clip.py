@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
 from misp_dpo.config import option
 from misp_dpo.embed import fit_clip
-from misp_dpo.embed.clip import CONFIG_FILE, TINY_MODEL, WEIGHTS_FILE, register_model_configs
+from misp_dpo.embed.clip import (
+    CONFIG_FILE,
+    TINY_MODEL,
+    WEIGHTS_FILE,
+    open_clip_module,
+    register_model_configs,
+)
 from misp_dpo.embed.synth import IMAGE_SIZE
 from misp_dpo.errors import UserError
 from misp_dpo.log import log_event, progress
@@ -75,7 +80,7 @@ class FitClipStage(Stage[FitClipConfig]):
     def plan(self, cfg: FitClipConfig) -> Plan:
         synth = read_manifest(cfg.corpus, "synth", "--corpus")
         register_model_configs()
-        if open_clip.get_model_config(cfg.arch) is None:
+        if open_clip_module().get_model_config(cfg.arch) is None:
             raise UserError(f"--arch {cfg.arch}: not an open_clip model config; use {TINY_MODEL}")
         images = synth.stats.get("images", 0)
         if round(images * cfg.holdout) < 2 or images - round(images * cfg.holdout) < 2:
@@ -90,8 +95,8 @@ class FitClipStage(Stage[FitClipConfig]):
             len(data.codes), round(len(data.codes) * cfg.holdout), cfg.seed
         )
         torch.manual_seed(cfg.seed)
-        model = open_clip.create_model(cfg.arch)
-        tokenizer = open_clip.get_tokenizer(cfg.arch)
+        model = open_clip_module().create_model(cfg.arch)
+        tokenizer = open_clip_module().get_tokenizer(cfg.arch)
         settings = fit_clip.FitSettings(
             cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.caption_share, cfg.seed
         )
@@ -144,7 +149,7 @@ def _checkpoint_config(arch: str, model: object) -> dict[str, object]:
     """open_clip's local-dir config: the architecture and the preprocessing the model was trained with."""
     preprocess = model.visual.preprocess_cfg  # type: ignore[attr-defined]
     return {
-        "model_cfg": open_clip.get_model_config(arch),
+        "model_cfg": open_clip_module().get_model_config(arch),
         "preprocess_cfg": {
             "mean": list(preprocess["mean"]),
             "std": list(preprocess["std"]),
