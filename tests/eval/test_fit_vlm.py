@@ -19,6 +19,7 @@ from misp_dpo.eval.vlm_build import build_model, build_processor
 
 TINY = {
     "tower_steps": 3,
+    "comparison_steps": 2,
     "steps": 4,
     "tower_batch_size": 8,
     "batch_size": 8,
@@ -51,6 +52,8 @@ def test_config_rejects_bad_values() -> None:
         FitVlmConfig(holdout=1.0)
     with pytest.raises(ValueError, match="steps"):
         FitVlmConfig(steps=-1)
+    with pytest.raises(ValueError, match="comparison_steps"):
+        FitVlmConfig(comparison_steps=-1)
 
 
 def test_saved_folder_loads_with_auto_classes_and_generates(tmp_path: Path) -> None:
@@ -62,7 +65,7 @@ def test_saved_folder_loads_with_auto_classes_and_generates(tmp_path: Path) -> N
     assert {"config.json", "model.safetensors", "metrics.json", "curves.png"} <= names
     metrics = json.loads((tmp_path / "vlm" / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == {"all", *synth.ATTRIBUTES}
-    assert metrics["probes"] == 6 * 2 * len(synth.ATTRIBUTES) and len(metrics["loss_every_10_steps"]) == 2
+    assert metrics["probes"] == 6 * 2 * len(synth.ATTRIBUTES) and len(metrics["loss_every_10_steps"]) == 3
 
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "vlm")
@@ -147,6 +150,22 @@ def test_reasoned_answers_state_the_attribute_then_conclude() -> None:
     prompt, answer = fit_vlm.yes_no(attrs, "position", True, rng, reasoned=True)
     assert prompt == synth.question("position", "top left") and parse_answer(answer) == "yes"
     assert fit_vlm.yes_no(attrs, "shape", True, rng) == (synth.question("shape", "star"), "Yes")
+
+
+def test_comparison_items_are_decided_by_the_stated_word_alone() -> None:
+    from misp_dpo.eval.scoring import parse_answer
+
+    names = list(synth.ATTRIBUTES)
+    items = fit_vlm.comparison_items(
+        names, [list(synth.ATTRIBUTES[n]) for n in names], 200, np.random.default_rng(0)
+    )
+    labels = []
+    for prompt, answer in items:
+        stated = answer.split(",")[0]
+        asked = next(v for a in names for v in synth.ATTRIBUTES[a] if synth.question(a, v) == prompt)
+        labels.append(parse_answer(answer))
+        assert (labels[-1] == "yes") == stated.endswith(asked)
+    assert 0.35 < labels.count("yes") / len(labels) < 0.65
 
 
 def test_greedy_answers_on_cached_tokens_match_generate() -> None:

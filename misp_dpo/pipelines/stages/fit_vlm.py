@@ -64,16 +64,19 @@ class FitVlmStage(Stage[FitVlmStageConfig]):
         teacher = None
         if cfg.clip is not None:
             teacher = fit_vlm.clip_teacher(cfg.clip, data.pixels, cfg.size.image // cfg.size.patch)
+        comparison = cfg.comparison_steps if cfg.reasoned else 0  # bare answers skip that phase
         bars = {
             "tower": progress(total=cfg.tower_steps, desc="fit-vlm tower", unit="step"),
+            "comparison": progress(total=comparison, desc="fit-vlm comparison", unit="step"),
             "language": progress(total=cfg.steps, desc="fit-vlm language", unit="step"),
         }
+        totals = {"tower": cfg.tower_steps, "comparison": comparison, "language": cfg.steps}
         started = time.perf_counter()
 
         def on_step(phase: str, step: int, loss: float) -> None:
             bars[phase].update(1)
             bars[phase].set_postfix(loss=f"{loss:.3f}")
-            last = (cfg.tower_steps if phase == "tower" else cfg.steps) - 1
+            last = totals[phase] - 1
             if step % LOG_EVERY == 0 or step == last:
                 seconds = round(time.perf_counter() - started, 1)
                 log_event("fit-vlm", phase=phase, step=step, loss=round(loss, 4), seconds=seconds)
@@ -87,4 +90,4 @@ class FitVlmStage(Stage[FitVlmStageConfig]):
             ctx.output_file(path.name)
         ctx.count("train_images", fitted.metrics["train_images"])
         ctx.count("heldout_images", fitted.metrics["images"])
-        ctx.count("steps", cfg.tower_steps + cfg.steps)
+        ctx.count("steps", sum(totals.values()))
