@@ -37,11 +37,14 @@ its 2,000 POPE probes per split (200 held-out images, never trained on), answers
 
 (random split; blank and shuffled images at most 0.57 on any split; CPU s is user + sys of the
 whole fit, with the corpus, the teacher and the held-out measure: about 6 minutes on one idle
-core, about half that on two.) Not met: the adversarial split is not 0.05 below random (0.001 to
-0.002). A model that sees has no gap, and in this world even one blind to colour, position and
-background, answering them from the shape's usual value, reaches only 0.0485 (random 0.9085,
-adversarial 0.86 on the demo's probes): that ceiling is 0.050 at prior 0.7 (0.079 at 0.5, 0.032
-at 0.8; three drawn worlds each). A gap needs pixels that are ambiguous, a change of the world.
+core, about half that on two.) `misp-dpo fit-vlm --clip runs/demo/clip` (two threads) took 345
+CPU s (351 s wall on the shared machine) and `misp-dpo eval` scored its folder as in the last row,
+with blank images 0.497-0.570 and shuffled ones 0.502-0.527 per split. Not met: the adversarial
+split is not 0.05 below random (0.001 to 0.002). A model that sees has no gap, and in this world
+even one blind to colour, position and background, answering them from the shape's usual value,
+reaches only 0.0485 (random 0.9085, adversarial 0.86 on the demo's probes): that ceiling is 0.050
+at prior 0.7 (0.079 at 0.5, 0.032 at 0.8; three drawn worlds each). A gap needs pixels that are
+ambiguous, a change of the world.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
