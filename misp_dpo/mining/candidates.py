@@ -55,12 +55,12 @@ class PoolSettings:
 
     The default thresholds come from `bench/filters.py --sweep` on the demo corpus without its
     language prior (4000 pairs, pool 64): with them, images that share every attribute with the
-    positive fall from 6.3% of the pool to 1.6%, while the images that differ in one attribute stay (the refill from the headroom
-    keeps 102% of them). The false-negative margin removes fewer hard negatives per false negative
-    caught than the near-duplicate threshold, so the threshold only takes what is almost the same
-    picture. The margin is in units of image-text cosine, whose spread depends on the CLIP model:
-    the demo's own CLIP on its prior world takes 0.1 (0.03% left, configs/demo.toml says why),
-    real CLIP models' narrower spread wants less.
+    positive fall from 6.3% of the pool to 1.6%, while the images that differ in one attribute stay
+    (the refill from the headroom keeps 102% of them). The false-negative margin removes fewer hard
+    negatives per false negative caught than the near-duplicate threshold, so the threshold only
+    takes what is almost the same picture. The margin is in units of image-text cosine, whose spread
+    depends on the CLIP model: the demo's own CLIP on its prior world takes 0.1 (0.03% left,
+    configs/demo.toml says why), real CLIP models' narrower spread wants less.
     """
 
     pool: int = option(64, "candidates kept per pair after filtering, ranked by similarity to the positive")
