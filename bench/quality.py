@@ -1,6 +1,7 @@
 """Frontier benchmark of negative selection on the demo world: coverage against hardness, FN marked.
 
     .venv/bin/python bench/quality.py     # tune on seeds 0-2, report on 3-5 (< 60 min on 2 cores)
+    .venv/bin/python bench/quality.py --from-json bench/results/quality.json --hardness 1.9,2.1,2.3
     .venv/bin/python bench/quality.py --tune 0 --report "" --n 600 --clip-steps 60    # a smoke run
 
 Per corpus seed it builds, once and cached under ROOT/runs/quality/seed<S>/ (the demo pipeline's own
@@ -24,11 +25,17 @@ outside the sweep's hardness range gives no value (never extrapolated). "The bes
 the same hull over every baseline point together, so mixtures of baselines count too. A family's
 margin at h is its coverage minus the best baseline's.
 
-Tuning seeds choose the default family (largest mean over tuning seeds of its worst margin over
-H = 1.4, 1.6, 1.8, among families whose FN <= 0.5% there) and its relevance (the point whose mean
-hardness is closest to 1.6); the report seeds are only measured. Writes bench/results/quality.json
-(every point) and bench/results/quality.png (the report seeds' frontiers; or the tuning seeds' when
-no report seed is given).
+Matched hardness H = 2.0, 2.2, 2.4 (`--hardness`). The issue's 1.4-1.8 was the band of the
+prior-free world; with the language prior nothing reaches it: the hardest strategy, `nearest`, sits
+at 1.91 (corpus seed 2): after the false-negative filter, the images the demo CLIP puts nearest
+to a positive differ from it in about two attributes. So H starts just above the hardest point every strategy
+family can reach and spans the hard half of the range (random sits at 2.65).
+
+Tuning seeds choose the default family (largest mean over tuning seeds of its worst margin over H,
+among families whose FN <= 0.5% there) and its relevance (the point whose mean hardness is closest
+to the middle H); the report seeds are only measured. Writes bench/results/quality.json (every
+point) and bench/results/quality.png (the report seeds' frontiers; or the tuning seeds' when no
+report seed is given). `--from-json quality.json` analyses saved points again without selecting.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from misp_dpo.mining.scores import PoolCodes, encode  # noqa: E402
 from misp_dpo.mining.selection import clean_pool, pair_seeds  # noqa: E402
 from misp_dpo.mining.strategies import SelectionParams, SelectionPools, select_negatives  # noqa: E402
 
-HARDNESS = (1.4, 1.6, 1.8)
+HARDNESS = (2.0, 2.2, 2.4)  # see the module docstring: the prior world's band
 FN_LIMIT = 0.005
 TARGET_MARGIN = 0.05
 RELEVANCE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -237,29 +244,33 @@ def at_hardness(points: list[Point], h: float) -> tuple[float, float] | None:
     return hull[0][1], hull[0][2]  # a single point exactly at h
 
 
-def margins(points: list[Point]) -> dict[str, list[tuple[float, float, float] | None]]:
+def margins(
+    points: list[Point], hardness: tuple[float, ...] = HARDNESS
+) -> dict[str, list[tuple[float, float, float] | None]]:
     """family -> per H: (coverage, FN, margin over the best baseline) or None where not reached."""
     baseline = [p for p in points if p.baseline]
-    best = {h: at_hardness(baseline, h) for h in HARDNESS}
+    best = {h: at_hardness(baseline, h) for h in hardness}
     out: dict[str, list[tuple[float, float, float] | None]] = {"best baseline": []}
-    for h in HARDNESS:
+    for h in hardness:
         b = best[h]
         out["best baseline"].append(None if b is None else (b[0], b[1], 0.0))
     for family in dict.fromkeys(p.family for p in points):
         own = [p for p in points if p.family == family]
         row: list[tuple[float, float, float] | None] = []
-        for h in HARDNESS:
+        for h in hardness:
             got, b = at_hardness(own, h), best[h]
             row.append(None if got is None or b is None else (got[0], got[1], got[0] - b[0]))
         out[family] = row
     return out
 
 
-def choose(tuning: dict[int, list[Point]]) -> tuple[str, float, dict[str, float]]:
+def choose(
+    tuning: dict[int, list[Point]], hardness: tuple[float, ...] = HARDNESS
+) -> tuple[str, float, dict[str, float]]:
     """The family with the best mean worst-margin over the tuning seeds (FN <= limit at every H), and
-    its relevance closest to hardness 1.6 on average; also every family's score."""
+    its relevance closest to the middle H on average; also every family's score."""
     scores: dict[str, float] = {}
-    per_seed = [margins(points) for points in tuning.values()]
+    per_seed = [margins(points, hardness) for points in tuning.values()]
     ours = {p.family for points in tuning.values() for p in points if not p.baseline}
     for family in [f for f in per_seed[0] if f in ours]:
         worst = []
@@ -276,19 +287,22 @@ def choose(tuning: dict[int, list[Point]]) -> tuple[str, float, dict[str, float]
         for p in points:
             if p.family == best and p.value is not None:
                 by_value.setdefault(float(p.value), []).append(p.hardness)
-    relevance = min(by_value, key=lambda v: abs(np.mean(by_value[v]) - 1.6)) if by_value else 0.0
+    middle = hardness[len(hardness) // 2]
+    relevance = min(by_value, key=lambda v: abs(np.mean(by_value[v]) - middle)) if by_value else 0.0
     return best, relevance, scores
 
 
-def print_table(title: str, seeds: dict[int, list[Point]], families: list[str]) -> None:
+def print_table(
+    title: str, seeds: dict[int, list[Point]], families: list[str], hardness: tuple[float, ...]
+) -> None:
     print(f"\n{title}: coverage / FN / margin over the best baseline at matched hardness ('-': not reached)")
-    header = "".join(f"  h={h:<24}" for h in HARDNESS)
+    header = "".join(f"  h={h:<24}" for h in hardness)
     print(f"{'seed':>4}  {'family':42s}{header}")
     for seed, points in seeds.items():
-        table = margins(points)
+        table = margins(points, hardness)
         for family in ["best baseline", *families]:
             cells = []
-            for cell in table.get(family, [None] * len(HARDNESS)):
+            for cell in table.get(family, [None] * len(hardness)):
                 if cell is None:
                     cells.append(f"  {'-':26s}")
                 else:
@@ -307,7 +321,7 @@ def print_points(seed: int, points: list[Point]) -> None:
         )
 
 
-def plot(seeds: dict[int, list[Point]], families: list[str], path: Path) -> None:
+def plot(seeds: dict[int, list[Point]], families: list[str], path: Path, hardness: tuple[float, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +350,7 @@ def plot(seeds: dict[int, list[Point]], families: list[str], path: Path) -> None
         ax.plot(
             [h[0] for h in hull], [h[1] for h in hull], ":", c="black", lw=2, label="best baseline (hull)"
         )
-        for h in HARDNESS:
+        for h in hardness:
             ax.axvline(h, c="grey", lw=0.5)
         ax.set(
             title=f"corpus seed {seed}",
@@ -347,6 +361,15 @@ def plot(seeds: dict[int, list[Point]], families: list[str], path: Path) -> None
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def load_points(path: Path) -> tuple[dict[int, list[Point]], dict[int, list[Point]]]:
+    """The tuning and the report seeds' points of an earlier run's quality.json."""
+    seeds = json.loads(path.read_text())["seeds"]
+    by_role: dict[str, dict[int, list[Point]]] = {"tune": {}, "report": {}}
+    for seed, entry in seeds.items():
+        by_role[entry["role"]][int(seed)] = [Point(**p) for p in entry["points"]]
+    return by_role["tune"], by_role["report"]
 
 
 def seeds_of(text: str) -> list[int]:
@@ -385,29 +408,45 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "bench/results", help="quality.json and quality.png"
     )
     parser.add_argument("--points", action="store_true", help="also print every point of every seed")
+    parser.add_argument(
+        "--hardness",
+        default=",".join(f"{h:g}" for h in HARDNESS),
+        help="the matched hardness values H (default: the prior world's band, see the docstring)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="analyse the points of an earlier run's quality.json again (e.g. at other --hardness) "
+        "instead of selecting; its tuning and report seeds keep their roles",
+    )
     args = parser.parse_args()
+    hardness = tuple(float(h) for h in args.hardness.split(","))
     configure_logging("json")
     logging.getLogger("misp_dpo").setLevel(logging.WARNING)
     started = time.perf_counter()
-    tuning = dict(run_seeds(args, seeds_of(args.tune)))
-    best, relevance, scores = choose(tuning) if tuning else (PAPER_FAMILY, 0.0, {})
+    if args.from_json is not None:
+        tuning, report_points = load_points(args.from_json)
+    else:
+        tuning, report_points = dict(run_seeds(args, seeds_of(args.tune))), None
+    best, relevance, scores = choose(tuning, hardness) if tuning else (PAPER_FAMILY, 0.0, {})
     ranked = sorted(scores, key=lambda f: -scores[f])
     print("\ntuning seeds: families by mean worst margin over H (FN-violating or unreached: -inf)")
     for family in ranked:
         print(f"  {family:42s} {scores[family]:+.3f}")
     if scores and max(scores.values()) > -np.inf:
-        print(f"chosen on tuning seeds: {best}, relevance {relevance:g} (hardness closest to 1.6)")
+        print(f"chosen on tuning seeds: {best}, relevance {relevance:g} (hardness closest to H's middle)")
     else:
         print(
             "no family reaches every H with FN within the limit on the tuning seeds: no choice made "
             f"(the tables below show {best} for reference)"
         )
     shown = list(dict.fromkeys([best, PAPER_FAMILY, *ranked[:3]]))
-    print_table("tuning seeds", tuning, shown)
-    report = dict(run_seeds(args, seeds_of(args.report)))
+    print_table("tuning seeds", tuning, shown, hardness)
+    report = report_points if report_points is not None else dict(run_seeds(args, seeds_of(args.report)))
     if report:
-        print_table("REPORT seeds (no choice looked at these)", report, shown)
-        table = [margins(points).get(best, [None]) for points in report.values()]
+        print_table("REPORT seeds (no choice looked at these)", report, shown, hardness)
+        table = [margins(points, hardness).get(best, [None]) for points in report.values()]
         met = all(c is not None and c[2] >= TARGET_MARGIN and c[1] <= FN_LIMIT for row in table for c in row)
         worst = min((c[2] for row in table for c in row if c is not None), default=float("nan"))
         print(
@@ -419,6 +458,7 @@ def main() -> None:
             print_points(seed, points)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
+        "hardness": list(hardness),
         "chosen": {"family": best, "relevance": relevance},
         "tuning_scores": scores,
         "seeds": {
@@ -430,7 +470,7 @@ def main() -> None:
         },
     }
     (args.out / "quality.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(report or tuning, shown, args.out / "quality.png")
+    plot(report or tuning, shown, args.out / "quality.png", hardness)
     print(
         f"\nwrote {args.out / 'quality.json'} and {args.out / 'quality.png'}; "
         f"{time.perf_counter() - started:.0f} s"

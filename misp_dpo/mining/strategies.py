@@ -76,12 +76,16 @@ class SelectionParams:
     weights: tuple[float, ...] = option(
         (1.0, 1.0), "w_l,w_v: weights of the normalised l_i and v_i in s_i (misp)"
     )
-    beta_div: float = option(1.0, "weight of the diversity bonus in the greedy pick (misp, maxmin)")
+    beta_div: float = option(
+        4.0,
+        "weight of the diversity bonus in the greedy pick (misp, maxmin); 4 from bench/quality.py, the "
+        "paper uses 1",
+    )
     tau: float = option(1.0, "temperature of the proposal q_i = softmax over the pool of s_i / tau")
     relevance: float = option(
-        0.0,
+        1.0,
         "[ours] weight of the similarity to the positive (min-max normalised over the pool) added to "
-        "s_i: pulls picks towards harder negatives; 0 is the paper's score (misp)",
+        "s_i: pulls picks towards harder negatives; 1 from bench/quality.py, 0 is the paper's score (misp)",
     )
     # (the settings below came after datasets were mined: at their defaults they leave the config
     # hash of those outputs as it was, so they still resume)

@@ -29,9 +29,9 @@ def _mine(inputs: MineInputs, out: Path, *flags: str, sae: Path | None = None) -
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--strategy", "random", "--relevance", "1"), "--relevance 1.0 is only used by --strategy misp"),
+        (("--strategy", "random", "--relevance", "2"), "--relevance 2.0 is only used by --strategy misp"),
         (("--strategy", "nearest", "--weights", "1,0"), "--weights 1.0,0.0 is only used by --strategy misp"),
-        (("--weights", "0,0"), "not both 0 unless --relevance > 0"),
+        (("--weights", "0,0", "--relevance", "0"), "not both 0 unless --relevance > 0"),
         (("--preset", "paper", "--beta-div", "2"), "--preset paper sets --beta-div 1.0; drop --beta-div 2.0"),
     ],
 )

@@ -135,13 +135,13 @@ def test_nearest_random_ends_are_random_and_nearest() -> None:
 @pytest.mark.parametrize(
     ("values", "flag"),
     [
-        ({"strategy": "random", "relevance": 1.0}, "--relevance 1.0 is only used by --strategy misp"),
+        ({"strategy": "random", "relevance": 2.0}, "--relevance 2.0 is only used by --strategy misp"),
         ({"strategy": "maxmin", "weights": "1,0"}, "--weights 1.0,0.0 is only used by --strategy misp"),
         ({"strategy": "nearest", "top_m": 8}, "--top-m 8 is only used by --strategy topm"),
         ({"strategy": "misp", "nearest_count": 2}, "--nearest-count 2 is only used by --strategy nearest-"),
-        ({"weights": "0,0"}, "not both 0 unless --relevance > 0"),
+        ({"weights": "0,0", "relevance": 0.0}, "not both 0 unless --relevance > 0"),
         ({"strategy": "topm", "top_m": 2}, "top_m (2) must be at least negatives (3)"),
-        ({"preset": "paper", "relevance": 1.0}, "--preset paper sets --relevance 0.0; drop --relevance 1.0"),
+        ({"preset": "paper", "relevance": 2.0}, "--preset paper sets --relevance 0.0; drop --relevance 2.0"),
         ({"preset": "paper", "strategy": "maxmin"}, "--preset paper sets --strategy misp"),
     ],
 )
@@ -167,7 +167,8 @@ def test_weights_zero_with_relevance_and_the_paper_preset() -> None:
         "min-cosine",
     )
     np.testing.assert_array_equal(
-        select_negatives(pools, paper, codes).picks, select_negatives(pools, SelectionParams(), codes).picks
+        select_negatives(pools, paper, codes).picks,
+        select_negatives(pools, SelectionParams(beta_div=1.0, relevance=0.0), codes).picks,
     )
 
 

@@ -45,7 +45,7 @@ def test_nearest_returns_the_n_most_similar_of_the_filtered_pool() -> None:
 
 def test_misp_fields_are_the_scores_of_the_picked_candidates() -> None:
     pools, codes = make_pools()
-    params = SelectionParams("misp", negatives=3, weights=(1.0, 0.5), beta_div=1.0, tau=0.5)
+    params = SelectionParams("misp", negatives=3, weights=(1.0, 0.5), beta_div=1.0, tau=0.5, relevance=0.0)
     mined = select_negatives(pools, params, codes)
     v = deviation(codes.codes)
     s = misp_score(codes.recon_error, v, pools.mask, (1.0, 0.5))
