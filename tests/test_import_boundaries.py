@@ -153,25 +153,12 @@ def test_runtime_finds_stages_only_through_the_registry_the_cli_passes() -> None
     assert "misp_dpo.cli" in users
 
 
-# Function-local imports kept, (file, function, imported module) -> why. fit-vlm's three files are
-# being rewritten by their owner; their local imports move to module level (and transformers goes
-# through optional.require) with that rewrite, which then deletes these entries.
-FIT_VLM_PENDING = "fit-vlm's files are being rewritten elsewhere; module level (or require) with that"
+# Function-local imports kept, (file, function, imported module) -> why.
 LOCAL_IMPORTS_KEPT: dict[tuple[str, str, str], str] = {
     ("misp_dpo/embed/clip.py", "open_clip_module", "open_clip"): (
         "open_clip imports timm and transformers (3-4 s), and the CLI imports every stage's config: "
         "`misp-dpo --help` would pay it; one accessor imports it on first use"
     ),
-    ("misp_dpo/eval/fit_vlm.py", "greedy_answers", "transformers"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "accuracy_by_attribute", "misp_dpo.eval.scoring"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "clip_teacher", "misp_dpo.embed.clip"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "clip_teacher", "misp_dpo.embed.fit_clip"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "fit_vlm", "misp_dpo.embed.fit_clip"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "plot_curves", "matplotlib"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/fit_vlm.py", "plot_curves", "matplotlib.pyplot"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/vlm_build.py", "build_processor", "transformers"): FIT_VLM_PENDING,
-    ("misp_dpo/eval/vlm_build.py", "build_model", "transformers"): FIT_VLM_PENDING,
-    ("misp_dpo/pipelines/stages/fit_vlm.py", "run_task", "misp_dpo.eval"): FIT_VLM_PENDING,
 }
 
 

@@ -64,11 +64,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from misp_dpo.config import option
 from misp_dpo.embed import synth
-from misp_dpo.embed.fit_clip import SynthData, decode_pixels
+from misp_dpo.embed.clip import ClipEncoder, describe_model
+from misp_dpo.embed.fit_clip import SynthData, decode_pixels, normalise, split_holdout
+from misp_dpo.eval.scoring import parse_answer
 from misp_dpo.eval.vlm_build import VlmSize, build_model, build_processor
+from misp_dpo.optional import require
 
 WARMUP_SHARE = 0.05
 
@@ -522,6 +527,7 @@ def greedy_answers(
     batch: int = 256,
 ) -> list[str]:
     """Each probe's answer decoded greedily (as generate() does) from cached tower tokens."""
+    require("train", "fit-vlm")
     from transformers import DynamicCache
 
     eos, pad = bank.tokenizer.eos_token_id, bank.tokenizer.pad_token_id
@@ -555,8 +561,6 @@ def greedy_answers(
 
 def accuracy_by_attribute(probes: list[Probe], answers: list[str]) -> dict[str, float]:
     """Share of probes whose answer, read as POPE reads it, is their label; over all and per type."""
-    from misp_dpo.eval.scoring import parse_answer
-
     right = np.array([parse_answer(a) == p.label.lower() for p, a in zip(probes, answers, strict=True)])
     kinds = np.array([p.attribute for p in probes])
     scores = {"all": float(right.mean())}
@@ -580,9 +584,6 @@ class FittedVlm:
 def clip_teacher(clip_dir: Path, pixels: torch.Tensor, grid: int, batch: int = 256) -> ClipTeacher:
     """The demo CLIP (open_clip local-dir checkpoint) on uint8 `pixels`: embeddings, and for a
     ModifiedResNet the output of its third stage pooled to `grid` x `grid` patches."""
-    from misp_dpo.embed.clip import ClipEncoder, describe_model
-    from misp_dpo.embed.fit_clip import normalise
-
     encoder = ClipEncoder(describe_model(f"local-dir:{clip_dir}", flag="--clip"), "cpu")
     visual = encoder.model.visual
     stage = getattr(visual, "layer3", None)
@@ -636,8 +637,6 @@ def fit_vlm(
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> FittedVlm:
     """Fit the demo VLM on `data` minus a held-out share; `teacher` is the demo CLIP on every image."""
-    from misp_dpo.embed.fit_clip import split_holdout
-
     train_rows, held_rows = split_holdout(len(data.codes), round(len(data.codes) * cfg.holdout), cfg.seed)
     train, held = data.subset(train_rows), data.subset(held_rows)
     processor = build_processor(cfg.size)
@@ -690,16 +689,12 @@ def _every(values: list[float], k: int) -> list[float]:
 
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     """One panel per phase: training loss against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
+    figure = Figure(figsize=(4.5 * len(curves), 3.2))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(curves), squeeze=False)
     for axis, (phase, losses) in zip(axes[0], curves.items(), strict=True):
         axis.plot(np.arange(len(losses)), losses, linewidth=0.8)
         axis.set_title(f"{phase} loss")
         axis.set_xlabel("step")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from misp_dpo.dpo.tiny import CHAT_TEMPLATE, IMAGE_TOKEN, tiny_processor
+from misp_dpo.optional import require
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class VlmSize:
 
 def build_processor(size: VlmSize) -> Any:
     """A LlavaProcessor for `size`: the tiny model's tokenizer and chat template, CLS token kept."""
+    require("train", "the demo VLM")
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     images = CLIPImageProcessor(
@@ -53,6 +55,7 @@ def build_processor(size: VlmSize) -> Any:
 
 def build_model(size: VlmSize, processor: Any, seed: int) -> Any:
     """A randomly initialised LlavaForConditionalGeneration of `size` (fp32, CPU), the same for a seed."""
+    require("train", "the demo VLM")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer

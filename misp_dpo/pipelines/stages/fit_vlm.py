@@ -14,6 +14,7 @@ from pathlib import Path
 
 from misp_dpo.config import option
 from misp_dpo.errors import UserError
+from misp_dpo.eval import fit_vlm
 from misp_dpo.eval.fit_vlm import FitVlmConfig
 from misp_dpo.log import log_event, progress
 from misp_dpo.pipelines.manifest import manifest_hash, read_manifest
@@ -58,8 +59,6 @@ class FitVlmStage(Stage[FitVlmStageConfig]):
         return Plan(num_tasks=1, inputs=inputs, meta={"image_tokens": cfg.size.image_tokens})
 
     def run_task(self, cfg: FitVlmStageConfig, plan: Plan, ctx: TaskContext) -> None:
-        from misp_dpo.eval import fit_vlm
-
         data = fit_vlm.read_corpus(cfg.corpus)
         teacher = None
         if cfg.clip is not None:
