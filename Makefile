@@ -1,4 +1,5 @@
-# misp-dpo: `make mine` runs the demo pipeline, `make train` trains the tiny VLM on it, `make test` runs the tests.
+# misp-dpo: `make mine` runs the demo pipeline, `make train` fits the demo VLM and trains it on the
+# mined negatives, `make eval` compares base and trained, `make test` runs the tests.
 # Every target that needs Python depends on `install`, which builds .venv from nothing (idempotent).
 
 PYTHON ?= python3
@@ -32,8 +33,12 @@ $(VENV)/.chromium: | $(STAMP)
 mine: install
 	$(BIN)/misp-dpo run $(PIPELINE) --until report
 
+# First fits the demo's small LLaVA that sees (fit-vlm, skipped once done), then trains it on the
+# mined negatives: the same settings as configs/demo.toml's [fit-vlm] and [train].
 train: install
-	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model tiny --out $(RUNS)/dpo --lr 2e-3 --epochs 0.3
+	$(BIN)/misp-dpo fit-vlm --corpus $(RUNS)/synth --clip $(RUNS)/clip --out $(RUNS)/vlm
+	$(BIN)/misp-dpo train --negatives $(RUNS)/negatives --model $(RUNS)/vlm --out $(RUNS)/dpo \
+	  --lr 1e-3 --max-steps 100 --batch-size 4
 
 # Base vs trained on the demo's held-out POPE probes and preference pairs (after `make train`);
 # the adapter names its base model, so no --model is needed. Then the demo report is rendered again
