@@ -215,7 +215,8 @@ def accuracy_chart(metrics: dict[str, Any]) -> bytes | None:
         axis.bar_label(bars, labels=[_cell(v) for v in values], fontsize=7, padding=1)
     axis.axhline(0.5, color="#c0392b", linestyle="--", linewidth=0.8, label="chance (0.5)")
     axis.set_xticks(range(len(splits)), splits)
-    axis.set_ylim(0, 1.12)
+    axis.set_ylim(0, 1.25)  # room above 1 for the value labels under the legend
+    axis.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axis.set_title("POPE accuracy per split", fontsize=10)
     axis.set_xlabel("POPE split", fontsize=9)
     axis.set_ylabel("accuracy", fontsize=9)
