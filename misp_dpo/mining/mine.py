@@ -142,11 +142,8 @@ def latent_coverage(codes: np.ndarray, mask: np.ndarray, picks: np.ndarray) -> n
     over its picks j, divided by their number: 1 when every negative changes latents no other one
     does, 1/N when all change the same ones in the same proportions.
     """
-    index, weight = top_latents(codes, mask, COVERAGE_TOP)
+    chosen_index, chosen_weight = top_latents(codes, mask, COVERAGE_TOP, rows=picks)  # (P, N, t)
     picked = picks >= 0
-    safe = np.maximum(picks, 0)[:, :, None]
-    chosen_index = np.take_along_axis(index, safe, axis=1)  # (P, N, t)
-    chosen_weight = np.take_along_axis(weight, safe, axis=1) * picked[:, :, None]
     covered = np.zeros((len(picks), 2 * codes.shape[2]))
     owner = np.repeat(np.arange(len(picks)), chosen_index.shape[1] * chosen_index.shape[2])
     np.maximum.at(covered, (owner, chosen_index.reshape(-1)), chosen_weight.reshape(-1))

@@ -112,19 +112,29 @@ class _Coverage(_Bonus):
         return np.maximum(self.weight - held, 0.0).sum(axis=2)
 
 
-def top_latents(codes: np.ndarray, mask: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+def top_latents(
+    codes: np.ndarray, mask: np.ndarray, top: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(P, K, t) latent indices into the 2L signed latents (l for z_l > 0, L + l for z_l < 0) and
     their weights a_il: each candidate's strongest changes beyond its pool's mean, summing to 1
-    (all 0 for a candidate that changes nothing beyond the mean, and on padding)."""
+    (all 0 for a candidate that changes nothing beyond the mean, and on padding).
+
+    With `rows` (P, N) pool indices (-1: none), only those candidates are ranked, (P, N, t): the
+    mean is still the whole pool's, and the argpartition, the costly part, runs on N, not K."""
     num_pairs, width, latents = codes.shape
     t = min(top, 2 * latents)
-    index = np.zeros((num_pairs, width, t), dtype=np.int64)
-    weight = np.zeros((num_pairs, width, t), dtype=np.float64)
+    shape = (num_pairs, width if rows is None else rows.shape[1], t)
+    index = np.zeros(shape, dtype=np.int64)
+    weight = np.zeros(shape, dtype=np.float64)
     for lo in range(0, num_pairs, _CHUNK):
         z = np.nan_to_num(codes[lo : lo + _CHUNK].astype(np.float64))
         m = mask[lo : lo + _CHUNK, :, None]
         signed = np.concatenate([np.maximum(z, 0.0), np.maximum(-z, 0.0)], axis=2) * m
         mean = signed.sum(axis=1, keepdims=True) / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        if rows is not None:
+            picked = rows[lo : lo + _CHUNK, :, None]
+            signed = np.take_along_axis(signed, np.maximum(picked, 0), axis=1) * (picked >= 0)
+            m = np.take_along_axis(m, np.maximum(picked, 0), axis=1) & (picked >= 0)
         excess = np.maximum(signed - mean, 0.0) * m
         chosen = np.argpartition(-excess, t - 1, axis=2)[:, :, :t] if t < 2 * latents else None
         chosen = chosen if chosen is not None else np.broadcast_to(np.arange(t), excess.shape).copy()

@@ -192,3 +192,27 @@ def test_latent_coverage_counts_what_only_one_negative_changes() -> None:
     coverage = latent_coverage(codes, mask, picks)
     np.testing.assert_allclose(coverage[:3], [1.0, 0.5, 1.0])
     assert np.isnan(coverage[3])
+
+
+def test_top_latents_of_chosen_rows_are_those_of_the_whole_pool() -> None:
+    """`rows` ranks only the picks, against the whole pool's mean: the same latents and weights as
+    ranking every candidate and taking the picks' rows (zeros where no pick)."""
+    rng = np.random.default_rng(3)
+    codes = rng.normal(size=(40, 9, 6)).astype(np.float32)
+    mask = rng.random((40, 9)) < 0.8
+    rows = np.stack([rng.choice(9, 3, replace=False) for _ in range(40)])
+    rows[::7, 2] = -1
+    full_index, full_weight = top_latents(codes, mask, 4)
+    index, weight = top_latents(codes, mask, 4, rows=rows)
+    safe, present = np.maximum(rows, 0)[:, :, None], (rows >= 0)[:, :, None]
+    want_index = np.take_along_axis(full_index, safe, axis=1)
+    want_weight = np.take_along_axis(full_weight, safe, axis=1) * present
+
+    def by_latent(i: np.ndarray, w: np.ndarray) -> list[dict[int, float]]:
+        return [
+            {int(k): round(float(v), 9) for k, v in zip(ki, wi, strict=True) if v > 0}
+            for ki, wi in zip(i.reshape(-1, 4), w.reshape(-1, 4), strict=True)
+        ]
+
+    assert (weight > 0).any() and not (weight[rows < 0] > 0).any()
+    assert by_latent(index, weight) == by_latent(want_index, want_weight)
