@@ -425,6 +425,40 @@ def comparison_items(
     return items
 
 
+def train_decoder(
+    model: Any,
+    bank: SequenceBank,
+    steps: int,
+    cfg: FitVlmConfig,
+    batch: Callable[[], tuple[torch.Tensor, list[tuple[str, str]]]],
+    phase: str,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> list[float]:
+    """Projector and language model (the tower frozen) for `steps`, next-token loss on the answers;
+    `batch()` gives the step's tower tokens and (prompt, answer) items. Returns each step's loss."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.lr)
+        tokens, items = batch()
+        ids, mask, labels = batch_tensors(bank, items)
+        logits = logits_from_tokens(model, tokens, ids, mask)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(phase, step, losses[-1])
+    model.eval()
+    return losses
+
+
 def train_comparison(
     model: Any,
     token_shape: tuple[int, ...],
@@ -433,31 +467,16 @@ def train_comparison(
     cfg: FitVlmConfig,
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> list[float]:
-    """Projector and language model on text alone (the image slots hold zero tower tokens): reasoned
-    yes/no answers about random attributes, so that the comparison is learnt before the images come
-    (with images from the start it sat at chance; the module docstring has the runs)."""
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    """Text alone (the image slots hold zero tower tokens): reasoned yes/no answers about random
+    attributes, so that the comparison is learnt before the images come (with images from the
+    start it sat at chance; the module docstring has the runs)."""
     rng = np.random.default_rng(cfg.seed + 4)
     blank = torch.zeros(cfg.batch_size, *token_shape)
-    model.train()
-    losses = []
-    for step in range(cfg.comparison_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.comparison_steps, cfg.lr)
-        ids, mask, labels = batch_tensors(bank, comparison_items(data.names, data.vocab, cfg.batch_size, rng))
-        logits = logits_from_tokens(model, blank, ids, mask)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step("comparison", step, losses[-1])
-    model.eval()
-    return losses
+
+    def batch() -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        return blank, comparison_items(data.names, data.vocab, cfg.batch_size, rng)
+
+    return train_decoder(model, bank, cfg.comparison_steps, cfg, batch, "comparison", on_step)
 
 
 def train_language(
@@ -468,29 +487,14 @@ def train_language(
     cfg: FitVlmConfig,
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> list[float]:
-    """Projector and language model on cached tower tokens (the tower frozen), next-token loss on answers."""
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    """Cached tower tokens of the training images with their questions and descriptions."""
     rng = np.random.default_rng(cfg.seed + 1)
-    model.train()
-    losses = []
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+
+    def batch() -> tuple[torch.Tensor, list[tuple[str, str]]]:
         rows = rng.choice(len(tokens), size=min(cfg.batch_size, len(tokens)), replace=False)
-        ids, mask, labels = batch_tensors(bank, sample_sequences(data, rows, cfg, rng))
-        logits = logits_from_tokens(model, tokens[torch.as_tensor(rows)], ids, mask)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step("language", step, losses[-1])
-    model.eval()
-    return losses
+        return tokens[torch.as_tensor(rows)], sample_sequences(data, rows, cfg, rng)
+
+    return train_decoder(model, bank, cfg.steps, cfg, batch, "language", on_step)
 
 
 # --- held-out yes/no accuracy --------------------------------------------------------------------
