@@ -85,7 +85,7 @@ class SelectionParams:
     relevance: float = option(
         1.0,
         "[ours] weight of the similarity to the positive (min-max normalised over the pool) added to "
-        "s_i: pulls picks towards harder negatives; 1 from bench/quality.py, 0 is the paper's score (misp)",
+        "s_i: pulls picks towards harder negatives; 1 from bench/downstream.py; 0 is the paper's (misp)",
     )
     # (the settings below came after datasets were mined: at their defaults they leave the config
     # hash of those outputs as it was, so they still resume)
