@@ -17,7 +17,8 @@ Arms (the default is `misp`, mine's config in configs/demo.toml):
   core: misp, maxmin, nearest, random, n1 (the single best misp negative), corrupt (one negative: the
         positive cropped to 1-20% of its area as mDPO's RandomResizedCrop, or --corrupt noise),
         text (text-only DPO: image-term weight 0)
-  ablations: misp-topk (TopK SAE), misp-is (importance sampling, M = 1 of N = 3), misp-l and misp-v
+  ablations: misp-topk (TopK SAE), misp-is (importance sampling, M = 1 of N = 3, the dataset's q),
+        misp-is-fitted (the same with the fitted proposal q_phi, `train --proposal fitted`), misp-l and misp-v
         (score weights 1,0 and 0,1), misp-bdiv0 (beta_div 0), n5 (N = 5); n1 and misp give N = 1, 3
   base: the untrained base model (always evaluated, shown as a row)
 
@@ -46,13 +47,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import replace_deep  # noqa: E402
 
+from misp_dpo.errors import UserError  # noqa: E402
 from misp_dpo.eval.paired import PairedDiff, paired_difference  # noqa: E402
 from misp_dpo.log import configure_logging  # noqa: E402
 
 SPLITS = ("random", "popular", "adversarial")
 DEFAULT = "misp"
 CORE = ("misp", "maxmin", "nearest", "random", "n1", "corrupt", "text")
-ABLATIONS = ("misp-topk", "misp-is", "misp-l", "misp-v", "misp-bdiv0", "n5")
+ABLATIONS = ("misp-topk", "misp-is", "misp-is-fitted", "misp-l", "misp-v", "misp-bdiv0", "n5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ ARMS: dict[str, Arm] = {
         Arm("text", None, {"image_weight": 0.0}),
         Arm("misp-topk", {}, sae="topk"),
         Arm("misp-is", None, {"sample_negatives": 1}),
+        Arm("misp-is-fitted", None, {"sample_negatives": 1, "proposal": "fitted"}),
         Arm("misp-l", {"weights": (1.0, 0.0)}),
         Arm("misp-v", {"weights": (0.0, 1.0)}),
         Arm("misp-bdiv0", {"beta_div": 0.0}),
@@ -218,7 +221,11 @@ def mine_arm(root: Path, seed: int, arm: Arm, stages: dict[str, Any]) -> Path:
     for name, users in USED_BY.items():  # the demo's misp-only settings (relevance) back to defaults
         if strategy not in users:
             changes[name] = defaults[name]
-    run_stage(stage, replace_deep(cfg, **changes), opts)
+    cfg = replace_deep(cfg, **changes)
+    try:
+        run_stage(stage, cfg, opts)
+    except UserError:  # an earlier run of this arm with other settings: the cache is ours to replace
+        run_stage(stage, cfg, dataclasses.replace(opts, overwrite=True))
     return out
 
 
