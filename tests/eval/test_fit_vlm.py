@@ -3,6 +3,7 @@ cached tower tokens is LLaVA's own; the fit is deterministic for a seed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -150,6 +151,46 @@ def test_reasoned_answers_state_the_attribute_then_conclude() -> None:
     prompt, answer = fit_vlm.yes_no(attrs, "position", True, rng, reasoned=True)
     assert prompt == synth.question("position", "top left") and parse_answer(answer) == "yes"
     assert fit_vlm.yes_no(attrs, "shape", True, rng) == (synth.question("shape", "star"), "Yes")
+
+
+def test_recolour_permutes_channels_and_leaves_grays_alone() -> None:
+    rng = np.random.default_rng(0)
+    pixels = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8)
+    pixels[:, :, 0, 0] = 128  # a gray pixel in every image
+    turned, same = fit_vlm.recolour(pixels, 0.5, rng)
+    assert 16 < int((~same).sum()) < 48
+    assert torch.equal(turned[same], pixels[same])
+    for before, after in zip(pixels[~same], turned[~same], strict=True):
+        orders = [o for o in itertools.permutations(range(3)) if torch.equal(before[list(o)], after)]
+        assert orders and (0, 1, 2) not in orders  # a permutation, never the identity
+        assert torch.equal(after[:, 0, 0], torch.full((3,), 128, dtype=torch.uint8))
+    untouched, same = fit_vlm.recolour(pixels, 0.0, rng)
+    assert bool(same.all()) and torch.equal(untouched, pixels)
+
+
+def test_tower_loss_ignores_the_labels_a_recolouring_voids() -> None:
+    logits = torch.randn(6, 5)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    shown = torch.tensor([True, True, False, True, False, True])
+    loss = fit_vlm._head_loss(logits, labels, shown)
+    other = labels.clone()
+    other[~shown] = 1  # another label where it does not hold: the same loss
+    assert torch.equal(loss, fit_vlm._head_loss(logits, other, shown))
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits[shown], labels[shown]))
+
+
+def test_near_misses_ask_a_value_sharing_a_word_with_the_truth() -> None:
+    attrs = {"shape": "star", "color": "blue", "size": "small", "position": "top left", "background": "gray"}
+    rng = np.random.default_rng(0)
+    asked = [fit_vlm.yes_no(attrs, "position", False, rng, near_miss=1.0)[0] for _ in range(60)]
+    assert set(asked) == {synth.question("position", v) for v in ("top right", "bottom left")}
+    uniform = {fit_vlm.yes_no(attrs, "position", False, rng, near_miss=0.0)[0] for _ in range(60)}
+    assert synth.question("position", "bottom right") in uniform
+    # a value without a near miss (colour: one word each) falls back to uniform
+    colours = {fit_vlm.yes_no(attrs, "color", False, rng, near_miss=1.0)[0] for _ in range(60)}
+    assert len(colours) == 4
+    with pytest.raises(ValueError, match="near_miss"):
+        FitVlmConfig(near_miss=1.5)
 
 
 def test_comparison_items_are_decided_by_the_stated_word_alone() -> None:
