@@ -11,7 +11,11 @@ one seeded S, run in-process through the runner), one base VLM (the fitted demo 
 with the arm's settings, or corrupted copies of the positive), one LoRA adapter trained through the
 train core with the SAME number of optimiser steps on the SAME pairs (the first steps x batch pairs
 of a seeded permutation), and one evaluation (the eval core): POPE random/popular/adversarial on the
-held-out probes (--probes per split) and preference accuracy on heldout_pairs.parquet.
+held-out probes (--probes per split) and preference accuracy on heldout_pairs.parquet, on each
+--heldout set: `world` (held-out scenes drawn like the corpus, with the prior) and `uniform` (the
+same world, its held-out scenes drawn without the prior, so most break it somewhere: where a model
+naming things from what usually co-occurs fails; `synth --heldout-scenes uniform`). Everything
+mined and trained is the same for both; each gets its own table.
 
 Arms (the default is `misp`, mine's config in configs/demo.toml):
   core: misp, maxmin, nearest, random, n1 (the single best misp negative), corrupt (one negative: the
@@ -138,9 +142,7 @@ def prepare(root: Path, seed: int, sizes: Sizes, saes: set[str], stages: dict[st
 
     for name in ("synth", "fit-clip", "embed", "candidates"):
         stage, cfg, opts = stages[name]
-        changes: dict[str, Any] = {"seed": seed}
-        if name == "synth":
-            changes |= {k: v for k, v in (("n", sizes.n), ("heldout", sizes.heldout)) if v}
+        changes: dict[str, Any] = synth_changes(seed, sizes) if name == "synth" else {"seed": seed}
         if name == "fit-clip" and sizes.clip_steps:
             changes["steps"] = sizes.clip_steps
         run_stage(stage, replace_deep(cfg, **changes), opts)
@@ -150,6 +152,10 @@ def prepare(root: Path, seed: int, sizes: Sizes, saes: set[str], stages: dict[st
         if sizes.sae_epochs:
             changes["epochs"] = sizes.sae_epochs
         run_stage(stage, replace_deep(cfg, **changes), opts)
+
+
+def synth_changes(seed: int, sizes: Sizes) -> dict[str, Any]:
+    return {"seed": seed, **{k: v for k, v in (("n", sizes.n), ("heldout", sizes.heldout)) if v}}
 
 
 def sae_dir(root: Path, variant: str) -> Path:
@@ -169,8 +175,7 @@ def base_model(args: argparse.Namespace, root: Path, seed: int, sizes: Sizes) ->
             )
         return str(folder.resolve())
     folder = root / "vlm"
-    if not (folder / "config.json").is_file():
-        fit_base(root, folder, seed, sizes.vlm_steps)
+    fit_base(root, folder, seed, sizes.vlm_steps)  # skipped when complete with the same settings
     return str(folder.resolve())
 
 
@@ -186,7 +191,11 @@ def fit_base(root: Path, folder: Path, seed: int, steps: tuple[int, int] | None)
         given: dict[str, Any] = {"corpus": root / "synth", "clip": root / "clip", "out": folder, "seed": seed}
         if steps is not None:
             given |= {"tower_steps": steps[0], "steps": steps[1]}
-        run_stage(stage, stage.config(**{k: v for k, v in given.items() if k in names}), RunOptions())
+        cfg = stage.config(**{k: v for k, v in given.items() if k in names})
+        try:
+            run_stage(stage, cfg, RunOptions())
+        except UserError:  # fitted with other settings (fit-vlm's defaults changed): fit again
+            run_stage(stage, cfg, RunOptions(overwrite=True))
         return
     from misp_dpo.embed import synth
     from misp_dpo.eval.fit_vlm import FitVlmConfig, clip_teacher, fit_vlm, read_corpus, save_vlm
@@ -489,10 +498,18 @@ def run_seed(
     started = time.perf_counter()
     spec = base_model(args, root, seed, sizes)
     clock.add("base VLM", started)
-    probes, pairs = held_out(root / "synth", sizes)
-    results: dict[str, dict[str, Any]] = {}
+    sets = {
+        scenes: held_out(heldout_synth(root, scenes, stages, seed, sizes), sizes) for scenes in args.heldout
+    }
+    results: dict[str, dict[str, dict[str, Any]]] = {scenes: {} for scenes in sets}
+
+    def evaluate(name: str, adapter: Path | None) -> None:
+        for scenes, (probes, pairs) in sets.items():
+            out = root / ("eval" if scenes == "world" else f"eval-{scenes}") / f"{name}.json"
+            results[scenes][name] = evaluate_arm(out, spec, adapter, seed, probes, pairs, sizes)
+
     started = time.perf_counter()
-    results["base"] = evaluate_arm(root / "eval" / "base.json", spec, None, seed, probes, pairs, sizes)
+    evaluate("base", None)
     clock.add("eval", started)
     default_table = None
     chosen: list[str] = []
@@ -516,13 +533,28 @@ def run_seed(
         clock.add("train", started)
         trained = time.perf_counter() - started
         started = time.perf_counter()
-        results[name] = evaluate_arm(
-            root / "eval" / f"{name}.json", spec, adapter, seed, probes, pairs, sizes
-        )
+        evaluate(name, adapter)
         clock.add("eval", started)
         took = f"train {trained:.0f} s, eval {time.perf_counter() - started:.0f} s"
-        print(f"  seed {seed} {name:11s} {_brief(results[name])}  ({took})", flush=True)
+        for scenes in sets:
+            print(
+                f"  seed {seed} {name:11s} {scenes:7s} {_brief(results[scenes][name])}  ({took})", flush=True
+            )
     return results
+
+
+def heldout_synth(root: Path, scenes: str, stages: dict[str, Any], seed: int, sizes: Sizes) -> Path:
+    """The folder whose held-out probes and pairs are evaluated: the seed's synth output for
+    `world` scenes, else the same world (same seed, so the same corpus) drawn again with other
+    held-out scenes (`synth --heldout-scenes`), only its held-out files read."""
+    if scenes == "world":
+        return root / "synth"
+    from misp_dpo.pipelines.runtime.runner import run_stage
+
+    stage, cfg, opts = stages["synth"]
+    out = root / f"synth-{scenes}"
+    run_stage(stage, replace_deep(cfg, **synth_changes(seed, sizes), heldout_scenes=scenes, out=out), opts)
+    return out
 
 
 def _brief(record: dict[str, Any]) -> str:
@@ -698,6 +730,13 @@ def main() -> None:
         "--corrupt", choices=("crop", "noise"), default="crop", help="the corrupted-image negative"
     )
     parser.add_argument(
+        "--heldout",
+        default="world,uniform",
+        help="held-out sets each arm is evaluated on: world (drawn like the corpus, with the prior) and "
+        "uniform (the same world's held-out scenes drawn without it, so most break it: synth "
+        "--heldout-scenes); one table each",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, tiny sizes, few steps (a barely fitted VLM)"
     )
     args = parser.parse_args()
@@ -715,6 +754,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.heldout = [h.strip() for h in args.heldout.split(",") if h.strip()]
+    if not args.heldout or set(args.heldout) - {"world", "uniform"}:
+        raise SystemExit(f"--heldout: world and/or uniform, got {args.heldout}")
     configure_logging("json")
     logging.getLogger("misp_dpo").setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -725,10 +767,14 @@ def main() -> None:
         per_seed[seed] = run_seed(args, seed, arms, sizes, clock)
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     rows = ["base", *arms]
-    summary = summarise(per_seed, rows)
-    first = per_seed[seeds[0]][DEFAULT]["pope"]
-    probes = {s: first[s]["n"] for s in SPLITS if s in first}
-    excluding = print_table(summary, seeds, probes)
+    summary, excluding = {}, {}
+    for scenes in args.heldout:
+        of_scenes = {seed: results[scenes] for seed, results in per_seed.items()}
+        summary[scenes] = summarise(of_scenes, rows)
+        first = of_scenes[seeds[0]][DEFAULT]["pope"]
+        probes = {s: first[s]["n"] for s in SPLITS if s in first}
+        print(f"\n=== held-out scenes: {scenes}")
+        excluding[scenes] = print_table(summary[scenes], seeds, probes)
     wall = time.perf_counter() - started
     title = (
         f"downstream: {args.model} base, {len(seeds)} seed(s), {sizes.steps} steps x {sizes.batch} "
@@ -745,19 +791,26 @@ def main() -> None:
             "seeds": seeds,
             "arms": arms,
             "default": DEFAULT,
+            "heldout": args.heldout,
         },
         "summary": summary,
         "per_seed": {
-            str(s): {a: {k: v for k, v in r.items() if k != "correct"} for a, r in res.items()}
+            str(s): {
+                scenes: {a: {k: v for k, v in r.items() if k != "correct"} for a, r in arms_.items()}
+                for scenes, arms_ in res.items()
+            }
             for s, res in per_seed.items()
         },
         "excluding_zero": excluding,
         "seconds": {"wall": wall, **clock.spent},
     }
     (args.out / "downstream.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(summary, args.out / "downstream.png", title)
+    figures = []
+    for scenes in args.heldout:
+        figures.append(args.out / ("downstream.png" if scenes == "world" else f"downstream-{scenes}.png"))
+        plot(summary[scenes], figures[-1], f"{title}, held-out scenes: {scenes}")
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in clock.spent.items())
-    print(f"\nwrote {args.out / 'downstream.json'} and {args.out / 'downstream.png'}")
+    print(f"\nwrote {args.out / 'downstream.json'} and {', '.join(map(str, figures))}")
     print(f"wall time {wall:.0f} s ({phases})")
 
 

@@ -12,9 +12,12 @@
   the one the prior gives: the prior's values put into the description where they differ from the
   image (one attribute changed to its most co-occurring wrong value if the image already matches the
   prior), the prior's wrong answer to a question.
-- **Held-out images** come from the same world after the corpus and never share bytes with it. Each
-  gets POPE probes (Li et al., EMNLP 2023) in three splits (`probes`) and a preference pair whose
-  negatives differ from it in one attribute each, the ground truth (`heldout_negatives`).
+- **Held-out images** come after the corpus and never share bytes with it: drawn like the corpus
+  (`heldout_scenes = "world"`), or without the prior (`"uniform"`), so that most break it somewhere,
+  which is where a model that leans on co-occurrence fails (the corpus, its pairs and so everything
+  mined and trained are the same either way). Each gets POPE probes (Li et al., EMNLP 2023) in
+  three splits (`probes`) and a preference pair whose negatives differ from it in one attribute
+  each, the ground truth (`heldout_negatives`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -63,6 +66,11 @@ class WorldConfig:
         200,
         "held-out images (never in the corpus or the training pairs): 10 POPE probes each per split "
         "and one held-out preference pair each",
+    )
+    heldout_scenes: Literal["world", "uniform"] = option(
+        "world",
+        "how held-out scenes are drawn: world (with the prior, like the corpus) or uniform (without, so "
+        "most break it somewhere: where a model that names things from what usually co-occurs fails)",
     )
 
     def __post_init__(self) -> None:
@@ -253,7 +261,7 @@ def make_world(cfg: WorldConfig, rng: np.random.Generator) -> World:
         corpus.append(synth.make_item(attrs, rng))
         pairs.append(pair(attrs))
     seen = {_sha1(item.png) for item in corpus}
-    held_rows = draw(cfg.heldout, cfg.prior, rng)
+    held_rows = draw(cfg.heldout, cfg.prior if cfg.heldout_scenes == "world" else 0.0, rng)
     heldout = [_unseen(attrs, rng, seen) for attrs in progress(held_rows, desc="held out", unit="img")]
     found = probes(held_rows, cooc, rng)
     negatives, extra = heldout_negatives(held_rows, rng)

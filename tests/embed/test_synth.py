@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,19 @@ def test_heldout_negatives_reuse_a_twin_else_render_one() -> None:
     for i, row in enumerate(picks):
         for name, j in zip(synth.ATTRIBUTES, row, strict=True):
             assert _differs(rows[i], everything[j]) == [name]
+
+
+def test_uniform_heldout_scenes_break_the_prior_and_leave_the_corpus_as_it_was() -> None:
+    cfg = world.WorldConfig(n=300, prior=0.7, heldout=200)
+    usual = world.make_world(cfg, np.random.default_rng(1))
+    uniform = world.make_world(replace(cfg, heldout_scenes="uniform"), np.random.default_rng(1))
+    assert uniform.corpus == usual.corpus and uniform.pairs == usual.pairs
+
+    def usual_share(made: world.World) -> float:
+        rows = [item.attributes for item in made.heldout[: made.probed]]
+        return float(np.mean([r["color"] == world.USUAL[r["shape"]]["color"] for r in rows]))
+
+    assert usual_share(usual) > 0.65 and usual_share(uniform) < 0.35  # P(usual) 0.76 vs 0.2
 
 
 def test_world_heldout_apart_from_corpus_and_pairs_from_the_prior() -> None:
