@@ -27,7 +27,8 @@ decisions 0.96 at the 100th step of phase 3).
 
 Measured with the defaults on the demo corpus (`make mine`, prior 0.7, demo CLIP as teacher), on
 its 2,000 POPE probes per split (200 held-out images, never trained on), answers decoded greedily
-(the same texts as `misp-dpo eval`'s, checked on 1,200 probes), on a shared 2-core machine:
+(the same texts as `misp-dpo eval`'s, checked on 1,200 probes), on a shared 2-core machine, before
+the near misses and the recolouring:
 
 | seed | threads | random | popular | adversarial | worst attribute | blank | shuffled | CPU s |
 |---|---|---|---|---|---|---|---|---|
@@ -35,16 +36,33 @@ its 2,000 POPE probes per split (200 held-out images, never trained on), answers
 | 1 | 1 | 0.948 | 0.954 | 0.947 | position 0.833 | 0.505 | 0.500 | 363 |
 | 0 | 2 | 0.950 | 0.956 | 0.949 | position 0.828 | 0.497 | 0.496 | 383 |
 
-(random split; blank and shuffled images at most 0.57 on any split; CPU s is user + sys of the
-whole fit, with the corpus, the teacher and the held-out measure: about 6 minutes on one idle
-core, about half that on two.) `misp-dpo fit-vlm --clip runs/demo/clip` (two threads) took 345
-CPU s (351 s wall on the shared machine) and `misp-dpo eval` scored its folder as in the last row,
-with blank images 0.497-0.570 and shuffled ones 0.502-0.527 per split. Not met: the adversarial
-split is not 0.05 below random (0.001 to 0.002). A model that sees has no gap, and in this world
-even one blind to colour, position and background, answering them from the shape's usual value,
-reaches only 0.0485 (random 0.9085, adversarial 0.86 on the demo's probes): that ceiling is 0.050
-at prior 0.7 (0.079 at 0.5, 0.032 at 0.8; three drawn worlds each). A gap needs pixels that are
-ambiguous, a change of the world.
+(random split; CPU s is user + sys of the whole fit.) Every position error was a near miss ("It is
+at the top left, yes." to "Is the shape at the bottom left?"): the comparison had learnt to look
+at the last word only, so half the fitting's "no" questions now ask a value sharing a word with the
+true one (`near_miss`). On held-out scenes drawn without the prior (`synth --heldout-scenes
+uniform`) that model fell to 0.834 random, shape 0.51: it named the shape from the colour, position
+and background that usually come with it, so half the tower's images have their RGB channels
+permuted and their colour unlabelled (`recolour`). With both (the defaults; seed 0, two threads,
+225 s wall and 440 CPU s on the idle machine): random / popular / adversarial 0.962 / 0.948 /
+0.943, every attribute >= 0.85 (position 0.91 on random), blank images 0.449-0.507 and shuffled
+ones 0.497-0.522 per split; on the uniform scenes 0.856 / 0.855 / 0.816, shape 0.55 / 0.57 / 0.36
+(the shortcut is smaller but there: this is the hallucination the negatives could remove).
+
+Acceptance b of issue 13 (random >= 0.85, every attribute >= 0.75, adversarial >= 0.05 below
+random) is not met on either held-out set: 0.019 on the demo's, 0.040 on the uniform scenes (shape
+below 0.75 there). `bench/prior_gap.py` gives the arithmetic: for a model that says yes to one value
+per attribute, each prior-led error costs the random split a yes-question too, so the gap is at
+most 1 - random accuracy and, for errors that follow the prior, about (K - 2) / K of the random
+split's loss on K-valued attributes. Over a family of worlds (prior 0.5-0.9, colour, background
+and position each hidden from the pixels in 0-100% of images, held out like the corpus or uniform)
+with this VLM's own error rates, one setting touches 0.050 with both floors met, on the edge of
+each (prior 0.5, each hidden in 70% of images, random 0.862, position 0.760); a model without
+errors of its own reaches 0.072 (hidden in 90%). Such a world was built and fitted (hidden in 40%
+of images, uniform held-out scenes; silhouettes, centred shapes, fog): the hidden probes were
+answered at the Bayes rate, but the rest was seen worse (random 0.72-0.75, gap 0.026-0.028), so it
+was not kept. Real POPE gaps come from objects that can be
+present together (a model can say yes to the present object and to an absent co-occurring one at
+no cost on the yes-questions); a one-object world with exclusive values cannot give that.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
