@@ -138,20 +138,30 @@ def demo_stages(root: Path) -> dict[str, tuple[Any, Any, Any]]:
 def prepare(root: Path, seed: int, sizes: Sizes, saes: set[str], stages: dict[str, Any]) -> None:
     """synth -> fit-clip -> embed -> candidates -> sae (each variant in `saes`), seeded; the runner
     skips what is complete."""
-    from misp_dpo.pipelines.runtime.runner import run_stage
-
     for name in ("synth", "fit-clip", "embed", "candidates"):
         stage, cfg, opts = stages[name]
         changes: dict[str, Any] = synth_changes(seed, sizes) if name == "synth" else {"seed": seed}
         if name == "fit-clip" and sizes.clip_steps:
             changes["steps"] = sizes.clip_steps
-        run_stage(stage, replace_deep(cfg, **changes), opts)
+        run_cached(stage, replace_deep(cfg, **changes), opts)
     stage, cfg, opts = stages["sae"]
     for variant in sorted(saes):
         changes = {"seed": seed, "out": sae_dir(root, variant), "variant": variant}
         if sizes.sae_epochs:
             changes["epochs"] = sizes.sae_epochs
-        run_stage(stage, replace_deep(cfg, **changes), opts)
+        run_cached(stage, replace_deep(cfg, **changes), opts)
+
+
+def run_cached(stage: Any, cfg: Any, opts: Any) -> None:
+    """A stage into this benchmark's cache: skipped when complete with the same settings, replaced
+    when an earlier run made it with others (after a default changed, or another arm's settings),
+    where the runner would stop and ask for --overwrite."""
+    from misp_dpo.pipelines.runtime.runner import run_stage
+
+    try:
+        run_stage(stage, cfg, opts)
+    except UserError:
+        run_stage(stage, cfg, dataclasses.replace(opts, overwrite=True))
 
 
 def synth_changes(seed: int, sizes: Sizes) -> dict[str, Any]:
@@ -184,18 +194,14 @@ def fit_base(root: Path, folder: Path, seed: int, steps: tuple[int, int] | None)
     from misp_dpo.pipelines.stages import STAGES
 
     if "fit-vlm" in STAGES:
-        from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
+        from misp_dpo.pipelines.runtime.runner import RunOptions
 
         stage = STAGES["fit-vlm"]
         names = {f.name for f in dataclasses.fields(stage.config)}
         given: dict[str, Any] = {"corpus": root / "synth", "clip": root / "clip", "out": folder, "seed": seed}
         if steps is not None:
             given |= {"tower_steps": steps[0], "steps": steps[1]}
-        cfg = stage.config(**{k: v for k, v in given.items() if k in names})
-        try:
-            run_stage(stage, cfg, RunOptions())
-        except UserError:  # fitted with other settings (fit-vlm's defaults changed): fit again
-            run_stage(stage, cfg, RunOptions(overwrite=True))
+        run_cached(stage, stage.config(**{k: v for k, v in given.items() if k in names}), RunOptions())
         return
     from misp_dpo.embed import synth
     from misp_dpo.eval.fit_vlm import FitVlmConfig, clip_teacher, fit_vlm, read_corpus, save_vlm
@@ -220,7 +226,6 @@ def _selection_defaults() -> dict[str, Any]:
 def mine_arm(root: Path, seed: int, arm: Arm, stages: dict[str, Any]) -> Path:
     """The arm's `negatives/` folder (the mine stage with the arm's settings; cached by the runner)."""
     from misp_dpo.mining.strategies import USED_BY
-    from misp_dpo.pipelines.runtime.runner import run_stage
 
     defaults = _selection_defaults()
     stage, cfg, opts = stages["mine"]
@@ -230,11 +235,7 @@ def mine_arm(root: Path, seed: int, arm: Arm, stages: dict[str, Any]) -> Path:
     for name, users in USED_BY.items():  # the demo's misp-only settings (relevance) back to defaults
         if strategy not in users:
             changes[name] = defaults[name]
-    cfg = replace_deep(cfg, **changes)
-    try:
-        run_stage(stage, cfg, opts)
-    except UserError:  # an earlier run of this arm with other settings: the cache is ours to replace
-        run_stage(stage, cfg, dataclasses.replace(opts, overwrite=True))
+    run_cached(stage, replace_deep(cfg, **changes), opts)
     return out
 
 
@@ -549,11 +550,9 @@ def heldout_synth(root: Path, scenes: str, stages: dict[str, Any], seed: int, si
     held-out scenes (`synth --heldout-scenes`), only its held-out files read."""
     if scenes == "world":
         return root / "synth"
-    from misp_dpo.pipelines.runtime.runner import run_stage
-
     stage, cfg, opts = stages["synth"]
     out = root / f"synth-{scenes}"
-    run_stage(stage, replace_deep(cfg, **synth_changes(seed, sizes), heldout_scenes=scenes, out=out), opts)
+    run_cached(stage, replace_deep(cfg, **synth_changes(seed, sizes), heldout_scenes=scenes, out=out), opts)
     return out
 
 

@@ -71,6 +71,7 @@ class WorldConfig:
         "world",
         "how held-out scenes are drawn: world (with the prior, like the corpus) or uniform (without, so "
         "most break it somewhere: where a model that names things from what usually co-occurs fails)",
+        hashed="unless-default",  # `world` is how held-out scenes were always drawn: old outputs resume
     )
 
     def __post_init__(self) -> None:

@@ -60,9 +60,9 @@ each (prior 0.5, each hidden in 70% of images, random 0.862, position 0.760); a 
 errors of its own reaches 0.072 (hidden in 90%). Such a world was built and fitted (hidden in 40%
 of images, uniform held-out scenes; silhouettes, centred shapes, fog): the hidden probes were
 answered at the Bayes rate, but the rest was seen worse (random 0.72-0.75, gap 0.026-0.028), so it
-was not kept. Real POPE gaps come from objects that can be
-present together (a model can say yes to the present object and to an absent co-occurring one at
-no cost on the yes-questions); a one-object world with exclusive values cannot give that.
+was not kept. Real POPE gaps come from objects that can be present together (a model can say yes
+to the present object and to an absent co-occurring one at no cost on the yes-questions); a
+one-object world with exclusive values cannot give that.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
@@ -263,7 +263,7 @@ def recolour(
     """A `share` of the images with their RGB channels permuted (never the identity): what a shape
     looks like apart from the colour that usually comes with it. Returns (pixels, which rows were
     left as they were); the permuted rows' colour is no longer their label. The neutral backgrounds
-    and the silhouette of a hidden colour are gray, so they stay as they were."""
+    are gray, so they stay as they were."""
     turned = torch.as_tensor(rng.random(len(pixels)) < share)
     if not bool(turned.any()):
         return pixels, ~turned

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from misp_dpo.config import to_dict
 from misp_dpo.embed import synth
 from misp_dpo.embed import synth_world as world
 from misp_dpo.pipelines.runtime.runner import RunOptions, run_stage
@@ -257,6 +258,9 @@ def test_uniform_heldout_scenes_break_the_prior_and_leave_the_corpus_as_it_was()
         return float(np.mean([r["color"] == world.USUAL[r["shape"]]["color"] for r in rows]))
 
     assert usual_share(usual) > 0.65 and usual_share(uniform) < 0.35  # P(usual) 0.76 vs 0.2
+    # the default is how held-out scenes were always drawn: worlds made before keep their config hash
+    assert "heldout_scenes" not in to_dict(cfg, hashed_only=True)
+    assert to_dict(replace(cfg, heldout_scenes="uniform"), hashed_only=True)["heldout_scenes"] == "uniform"
 
 
 def test_world_heldout_apart_from_corpus_and_pairs_from_the_prior() -> None:
