@@ -160,11 +160,29 @@ def _preference_table(models: dict[str, Any], names: list[str], paired: bool) ->
         for key, label in PREFERENCE_ROWS
         if any(p.get(key) is not None for p in preferences)
     ]
+    kinds = sorted({kind for p in preferences for kind in p.get("by_kind") or {}})
+    per_kind = [
+        _row(
+            kind,
+            [((p.get("by_kind") or {}).get(kind) or {}).get("image_accuracy") for p in preferences],
+            paired,
+        )
+        for kind in kinds
+    ]
+    kind_table = (
+        "<h3>Image accuracy per kind of negative</h3><p>How each negative differs from the positive, "
+        "as the table's <code>negative_kinds</code> names it: which differences the answer depends on.</p>"
+        '<table class="eval" id="eval-preference-kinds">'
+        f'<thead><tr><th class="label">kind</th>{head}</tr></thead>'
+        f"<tbody>{''.join(per_kind)}</tbody></table>"
+        if kinds
+        else ""
+    )
     return (
         "<h3>Preference accuracy on held-out pairs</h3>"
         '<table class="eval" id="eval-preference">'
         f'<thead><tr><th class="label">metric</th>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        f"<tbody>{''.join(rows)}</tbody></table>{kind_table}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The metrics as a Markdown table: base vs trained per POPE split, then preference accuracy."""
+"""The metrics as Markdown tables: base vs trained per POPE split, then preference accuracy (and its
+image accuracy per kind of negative where the held-out table names the kinds)."""
 
 from __future__ import annotations
 
@@ -35,4 +36,13 @@ def summary_table(metrics: dict[str, Any]) -> str:
                 lines.append(
                     f"| {name} | " + " | ".join(_cell(preference[c]) for c in PREFERENCE_COLUMNS) + " |"
                 )
+    by_kind = {name: (result.get("preference") or {}).get("by_kind") or {} for name, result in models.items()}
+    kinds = sorted({kind for found in by_kind.values() for kind in found})
+    if kinds:
+        names = [name for name in models if by_kind[name]]
+        lines += ["", "| image accuracy per kind of negative | " + " | ".join(names) + " |"]
+        lines.append("|---" * (1 + len(names)) + "|")
+        for kind in kinds:
+            cells = " | ".join(_cell((by_kind[name].get(kind) or {}).get("image_accuracy")) for name in names)
+            lines.append(f"| {kind} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -74,7 +74,7 @@ SYNTH_PROBES = _named(
 # The demo world's held-out preference pairs: each negative differs from the positive in one attribute.
 SYNTH_HELDOUT_PAIRS = _named(
     "synth_heldout_pairs",
-    1,
+    2,
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
@@ -82,6 +82,7 @@ SYNTH_HELDOUT_PAIRS = _named(
         pa.field("rejected", pa.string()),
         pa.field("image", pa.string(), nullable=False),  # the positive, relative to the table
         pa.field("negatives", pa.list_(pa.string()), nullable=False),  # one per attribute type
+        pa.field("negative_kinds", pa.list_(pa.string()), nullable=False),  # the attribute each differs in
     ],
 )
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
+from misp_dpo.dpo.data import PreferenceData
 from misp_dpo.dpo.sequences import SequenceEncoder
 from misp_dpo.eval.config import EvalConfig
 from misp_dpo.eval.evaluate import ANSWERS, evaluate, limit_per_split
 from misp_dpo.eval.generate import generate_answers
 from misp_dpo.eval.models import load_base
-from misp_dpo.eval.preference import load_preference_pairs
+from misp_dpo.eval.preference import KINDS, PreferenceScores, load_preference_pairs, summarise
 from misp_dpo.eval.probes import load_probes
 from tests.eval.fixtures import write_jsonl, write_ours
 
@@ -111,6 +114,54 @@ def test_a_negative_identical_to_the_positive_is_never_a_win(tmp_path: Path) -> 
     # the first pair has an unreadable negative: a failure, left out; the second ties: not a win
     assert preference["failures"] == 1 and preference["n_negatives"] == 1
     assert preference["image_accuracy"] == 0.0 and preference["text_accuracy"] is None
+
+
+def test_figures_per_kind_of_negative_by_hand(tmp_path: Path) -> None:
+    """Margins set by hand: kind a wins 1 of 2 (margins 1.5, -0.5), b ties (0 is not a win), the
+    nan (an unreadable negative, or a pair with fewer negatives) counts nowhere."""
+    pairs = load_preference_pairs(write_heldout(tmp_path))
+    kinds = pa.array([["a", "b"], ["a", "b"], ["a", "b"], ["b", "a"]], pa.list_(pa.string()))
+    data = PreferenceData(pairs.table.append_column(KINDS, kinds), pairs.root)
+    scores = PreferenceScores(
+        image=np.array([[1.5, 0.0], [-0.5, np.nan], [np.nan, np.nan], [np.nan, np.nan]]),
+        text=np.array([2.0, np.nan, -1.0, np.nan]),
+        scored=2,
+        failures=2,
+    )
+    figures = summarise(scores, data)
+    assert figures["image_accuracy"] == pytest.approx(1 / 3) and figures["image_margin"] == pytest.approx(
+        1 / 3
+    )
+    assert figures["text_accuracy"] == 0.5 and figures["n_negatives"] == 3 and figures["n_text"] == 2
+    assert figures["by_kind"] == {
+        "a": {"image_accuracy": 0.5, "image_margin": 0.5, "n": 2},
+        "b": {"image_accuracy": 0.0, "image_margin": 0.0, "n": 1},
+    }
+    assert "by_kind" not in summarise(scores, pairs)  # no kinds named: no breakdown
+
+
+def test_kinds_through_eval_and_a_row_with_too_few(tmp_path: Path) -> None:
+    from misp_dpo.errors import UserError
+
+    write_ours(tmp_path, "jsonl")
+    row = {
+        "prompt": "what color is the shape?",
+        "chosen": "the shape is red",
+        "image": "images/COCO_val2014_000000000000.png",
+        "negatives": ["images/COCO_val2014_000000000000.png", "images/COCO_val2014_000000000002.png"],
+        KINDS: ["same", "other"],
+    }
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "kinds.jsonl", [row]))
+    by_kind = evaluate(None, pairs, "tiny", None, CPU, show_progress=False).metrics["models"]["base"][
+        "preference"
+    ]["by_kind"]
+    assert by_kind["same"] == {"image_accuracy": 0.0, "image_margin": 0.0, "n": 1}  # identical: a tie
+    assert set(by_kind) == {"same", "other"} and by_kind["other"]["n"] == 1
+    path = write_jsonl(tmp_path / "short.jsonl", [row, {**row, KINDS: ["same"]}])
+    with pytest.raises(
+        UserError, match=r"short.jsonl: row 1: negative_kinds must list one kind per negative \(2\)"
+    ):
+        load_preference_pairs(path)
 
 
 def test_pairs_table_without_negatives_column(tmp_path: Path) -> None:

@@ -41,14 +41,29 @@ METRICS = {
                 "random": pope(0.5, 0.5, 1.0, 8, {"color": 0.25, "shape": 0.75}),
                 "adversarial": pope(0.375, 0.4, 0.5, 8, {"color": 0.5}),
             },
-            "preference": {"image_accuracy": 0.4, "image_margin": -0.125, "text_accuracy": None, "n": 5},
+            "preference": {
+                "image_accuracy": 0.4,
+                "image_margin": -0.125,
+                "text_accuracy": None,
+                "n": 5,
+                "by_kind": {"shape": {"image_accuracy": 0.25, "image_margin": -1.0, "n": 4}},
+            },
         },
         "trained": {
             "pope": {
                 "random": pope(0.625, 0.6, 0.75, 8, {"color": 0.5, "shape": 0.75}),
                 "adversarial": pope(0.5, 0.5, 0.5, 7, {"color": 0.625}) | {"failures": 1},
             },
-            "preference": {"image_accuracy": 0.8, "image_margin": 1.5, "text_accuracy": None, "n": 5},
+            "preference": {
+                "image_accuracy": 0.8,
+                "image_margin": 1.5,
+                "text_accuracy": None,
+                "n": 5,
+                "by_kind": {
+                    "shape": {"image_accuracy": 0.75, "image_margin": 2.0, "n": 4},
+                    "color": {"image_accuracy": 1.0, "image_margin": 3.0, "n": 1},
+                },
+            },
         },
     },
 }
@@ -86,6 +101,10 @@ def test_section_shows_the_numbers_and_the_differences() -> None:
     assert preference[0][1:] == ["0.400", "0.800", "+0.400"]
     assert preference[1][1:] == ["-0.125", "1.500", "+1.625"]
     assert [row[1:] for row in preference[2:]] == [["5", "5", "+0"]]  # no text accuracy: no row
+    assert cells(page, "eval-preference-kinds") == [
+        ["color", "-", "1.000", "-"],  # the base was scored without this kind
+        ["shape", "0.250", "0.750", "+0.500"],
+    ]
 
 
 def test_base_only_has_no_difference_and_strings_are_escaped() -> None:
@@ -94,6 +113,7 @@ def test_base_only_has_no_difference_and_strings_are_escaped() -> None:
     page = evaluation_section(metrics)
     assert EVIL not in page and "&lt;script&gt;" in page
     assert "<th>difference</th>" not in page and "<th>diff.</th>" not in page and "<img" not in page
+    assert 'id="eval-preference-kinds"' not in page  # no kinds named: no table
     assert cells(page, "eval-pope")[0][2:] == ["0.500"]
 
 

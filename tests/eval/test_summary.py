@@ -19,7 +19,13 @@ def test_summary_rows_per_split_then_model() -> None:
             "base": {"pope": {"random": scores, "adversarial": scores}},
             "trained": {
                 "pope": {"random": {**scores, "accuracy": 1.0}},
-                "preference": {"image_accuracy": 0.5, "image_margin": 0.25, "text_accuracy": None, "n": 4},
+                "preference": {
+                    "image_accuracy": 0.5,
+                    "image_margin": 0.25,
+                    "text_accuracy": None,
+                    "n": 4,
+                    "by_kind": {"size": {"image_accuracy": 0.0, "image_margin": -1.0, "n": 2}},
+                },
             },
         }
     }
@@ -28,7 +34,12 @@ def test_summary_rows_per_split_then_model() -> None:
     assert lines[2] == "| base | random | 0.750 | 0.500 | 1.000 | 0.667 | 0.500 | 8 |"
     assert lines[3].startswith("| trained | random | 1.000 |")
     assert lines[4].startswith("| base | adversarial |")
-    assert lines[-1] == "| trained | 0.500 | 0.250 | - | 4 |"
+    assert lines[-5] == "| trained | 0.500 | 0.250 | - | 4 |"
+    assert lines[-3:] == [
+        "| image accuracy per kind of negative | trained |",
+        "|---|---|",
+        "| size | 0.000 |",
+    ]
 
 
 def test_pairs_folder_lookup(tmp_path: Path) -> None:

@@ -68,6 +68,8 @@ class SynthStage(Stage[SynthConfig]):
             "rejected": [p.rejected for p in made.heldout_pairs],
             "image": [heldout[p.image] for p in made.heldout_pairs],
             "negatives": [[heldout[j] for j in p.negatives] for p in made.heldout_pairs],
+            # each negative differs from the positive in one attribute, in synth.ATTRIBUTES order
+            "negative_kinds": [list(synth.ATTRIBUTES)] * len(made.heldout_pairs),
         }
         attributes = schemas.synth_attributes(list(synth.ATTRIBUTES))
         tables = {
