@@ -23,7 +23,9 @@ Arms (the default is `misp`, mine's config in configs/demo.toml):
         text (text-only DPO: image-term weight 0)
   ablations: misp-topk (TopK SAE), misp-is (importance sampling, M = 1 of N = 3, the dataset's q),
         misp-is-fitted (the same with the fitted proposal q_phi, `train --proposal fitted`), misp-l and misp-v
-        (score weights 1,0 and 0,1), misp-bdiv0 (beta_div 0), n5 (N = 5); n1 and misp give N = 1, 3
+        (score weights 1,0 and 0,1), misp-bdiv0 (beta_div 0), n5 (N = 5); n1 and misp give N = 1, 3;
+        oracle (no mining: per pair as many corpus images as misp's, each differing from the positive
+        in one attribute, each in another one, from the world's ground truth: what mining could give)
   base: the untrained base model (always evaluated, shown as a row)
 
 Differences against misp are paired (same seed, same probes): per probe arm-correct minus
@@ -58,7 +60,7 @@ from misp_dpo.log import configure_logging  # noqa: E402
 SPLITS = ("random", "popular", "adversarial")
 DEFAULT = "misp"
 CORE = ("misp", "maxmin", "nearest", "random", "n1", "corrupt", "text")
-ABLATIONS = ("misp-topk", "misp-is", "misp-is-fitted", "misp-l", "misp-v", "misp-bdiv0", "n5")
+ABLATIONS = ("misp-topk", "misp-is", "misp-is-fitted", "misp-l", "misp-v", "misp-bdiv0", "n5", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Arm:
     mine: dict[str, Any] | None  # None: reuse the default arm's negatives
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # LossConfig / LoopConfig changes
     corrupt: bool = False
+    oracle: bool = False  # ground-truth negatives from the world's attributes instead of mining
     sae: str = "paper"
 
 
@@ -89,6 +92,7 @@ ARMS: dict[str, Arm] = {
         Arm("misp-v", {"weights": (0.0, 1.0)}),
         Arm("misp-bdiv0", {"beta_div": 0.0}),
         Arm("n5", {"negatives": 5}),
+        Arm("oracle", None, oracle=True),
     )
 }
 
@@ -317,6 +321,59 @@ def corrupt_negatives(table: Any, out: Path, kind: str, seed: int) -> Any:
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
+def oracle_negatives(table: Any, synth_dir: Path, seed: int) -> Any:
+    """As many negatives per pair as the default arm's, each a corpus image that differs from the
+    positive in exactly one attribute, each in another attribute type (drawn at random among those
+    the corpus has a twin for): the minimal pairs that the held-out preference set measures, found
+    from the ground truth instead of mined, so the ceiling of what mining can give on this world."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from misp_dpo.embed import synth
+    from misp_dpo.mining.selection import pair_seeds
+
+    names = list(synth.ATTRIBUTES)
+    corpus = pq.read_table(synth_dir / "attributes.parquet").to_pylist()
+    uris = [str((synth_dir / row["image"]).resolve()) for row in corpus]
+    keys = [tuple(row[a] for a in names) for row in corpus]
+    by_key: dict[tuple[str, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    row_of = {uri: i for i, uri in enumerate(uris)}
+    rows = table.to_pylist()
+    for row, pair_seed in zip(rows, pair_seeds([r["pair_id"] for r in rows], seed), strict=True):
+        rng = np.random.default_rng(int(pair_seed))
+        key = keys[row_of[str(Path(row["positive"]["uri"]).resolve())]]
+        picks: list[int] = []
+        for a in rng.permutation(len(names)):
+            twins = [
+                j
+                for value in synth.ATTRIBUTES[names[a]]
+                if value != key[a]
+                for j in by_key.get((*key[:a], value, *key[a + 1 :]), [])
+            ]
+            if twins and len(picks) < len(row["negatives"]):
+                picks.append(twins[int(rng.integers(len(twins)))])
+        row["negatives"] = [
+            {
+                "image_id": hashlib.sha1(Path(uris[j]).read_bytes()).hexdigest(),
+                "uri": uris[j],
+                "rank": rank,
+                "sim_image": None,
+                "sim_prompt": None,
+                "recon_error": None,
+                "deviation": None,
+                "diversity_gain": None,
+                "score": None,
+                "proposal": 1.0 / len(picks),
+            }
+            for rank, j in enumerate(picks)
+        ]
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
 def _corrupt(image: Any, kind: str, rng: np.random.Generator) -> Any:
     from PIL import Image
 
@@ -438,30 +495,17 @@ def preference_by_negative(
 ) -> tuple[dict[str, Any], dict[str, bool]]:
     """`preference_accuracy`'s figures, plus each (pair, negative)'s win (log p(chosen | positive) >
     log p(chosen | negative)), keyed pair_id/image_id, for the paired bootstrap."""
-    from misp_dpo.dpo.model import Policy
-    from misp_dpo.dpo.reference import align_reference, compute_reference
+    from misp_dpo.eval.preference import score_pairs, summarise
 
-    scored = Policy(model=model, processor=base.processor, device=base.device, lora=False, identity={})
-    table, failures = compute_reference(scored, pairs, np.arange(len(pairs)), batch, False)
-    logps = align_reference(table, pairs)
+    scores = score_pairs(model, base, pairs, batch, show_progress=False)
     wins: dict[str, bool] = {}
     ids = pairs.table.column("pair_id").to_pylist()
     negatives = pairs.table.column("negatives").to_pylist()
     for i, (pair_id, refs) in enumerate(zip(ids, negatives, strict=True)):
         for k, ref in enumerate(refs):
-            if np.isfinite(logps.negatives[i, k]) and np.isfinite(logps.positive[i]):
-                wins[f"{pair_id}/{ref['image_id']}"] = bool(logps.positive[i] > logps.negatives[i, k])
-    has_text = np.isfinite(logps.rejected) & np.isfinite(logps.positive)
-    figures = {
-        "image_accuracy": float(np.mean(list(wins.values()))) if wins else None,
-        "text_accuracy": float((logps.positive[has_text] > logps.rejected[has_text]).mean())
-        if has_text.any()
-        else None,
-        "n": int(np.isfinite(logps.positive).sum()),
-        "n_negatives": len(wins),
-        "failures": len(failures),
-    }
-    return figures, wins
+            if np.isfinite(scores.image[i, k]):
+                wins[f"{pair_id}/{ref['image_id']}"] = bool(scores.image[i, k] > 0)
+    return summarise(scores, pairs), wins
 
 
 def _stamp(adapter: Path | None) -> str | None:
@@ -524,6 +568,8 @@ def run_seed(
             table = corrupt_negatives(
                 subset(default_table, chosen), root / f"corrupt-{args.corrupt}", args.corrupt, seed
             )
+        elif arm.oracle:
+            table = oracle_negatives(subset(default_table, chosen), root / "synth", seed)
         elif arm.mine is None or name == DEFAULT:
             table = subset(default_table, chosen)
         else:

@@ -60,9 +60,13 @@ each (prior 0.5, each hidden in 70% of images, random 0.862, position 0.760); a 
 errors of its own reaches 0.072 (hidden in 90%). Such a world was built and fitted (hidden in 40%
 of images, uniform held-out scenes; silhouettes, centred shapes, fog): the hidden probes were
 answered at the Bayes rate, but the rest was seen worse (random 0.72-0.75, gap 0.026-0.028), so it
-was not kept. Real POPE gaps come from objects that can be present together (a model can say yes
-to the present object and to an absent co-occurring one at no cost on the yes-questions); a
-one-object world with exclusive values cannot give that.
+was not kept. Nor does the language side give a prior-led "yes": fitted with no "no" question ever
+asking the most co-occurring absent value (as instruction data that seldom negates what usually
+co-occurs), the demo VLM scored 0.965 / 0.951 / 0.944, the same gap: it answers from the value it
+states, so its prior-led errors can only come from what the tower sees. Real POPE gaps come from
+objects that can be present together (a model can say yes to the present object and to an absent
+co-occurring one at no cost on the yes-questions); a one-object world with exclusive values cannot
+give that.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).

@@ -97,3 +97,50 @@ def test_summary_identical_arms_zero_and_shifted_arm_excludes_zero(ds) -> None: 
     assert summary["misp"]["diff"] == {}
     excluding = ds.print_table(summary, [0, 1, 2], {s: 40 for s in ds.SPLITS})
     assert [line.split()[0] for line in excluding] == ["better"] * 3
+
+
+def test_oracle_negatives_differ_in_one_attribute_each(ds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """On a corpus holding every attribute combination twice: as many negatives as the pair had,
+    each a corpus image one attribute away from the positive, no attribute type twice, ids the sha1
+    of the bytes, the same draw for the same seed."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from misp_dpo.embed import synth
+    from misp_dpo.pipelines import schemas
+
+    rows = synth.draw_attributes(1600, np.random.default_rng(0))
+    (tmp_path / "images").mkdir()
+    for i, attrs in enumerate(rows):
+        (tmp_path / "images" / f"{i:05d}.png").write_bytes(f"{i} {attrs}".encode())
+    pq.write_table(
+        pa.Table.from_pylist([{"image": f"images/{i:05d}.png", **a} for i, a in enumerate(rows)]),
+        tmp_path / "attributes.parquet",
+    )
+    placeholder = {"image_id": "x", "uri": "x", "rank": 0, "proposal": 1.0}
+    pairs = [
+        {
+            "pair_id": f"p{i}",
+            "prompt": "Describe the image.",
+            "chosen": "...",
+            "rejected": None,
+            "positive": {"image_id": "pos", "uri": str(tmp_path / "images" / f"{i:05d}.png")},
+            "negatives": [placeholder] * n,
+        }
+        for i, n in ((0, 3), (7, 3), (42, 1), (99, 5))
+    ]
+    table = pa.Table.from_pylist(pairs, schema=schemas.NEGATIVES)
+    found = ds.oracle_negatives(table, tmp_path, seed=3).to_pylist()
+    assert found == ds.oracle_negatives(table, tmp_path, seed=3).to_pylist()
+    assert found != ds.oracle_negatives(table, tmp_path, seed=4).to_pylist()
+    for pair, row in zip(pairs, found, strict=True):
+        positive = rows[int(Path(pair["positive"]["uri"]).stem)]
+        assert len(row["negatives"]) == len(pair["negatives"])
+        differ = []
+        for negative in row["negatives"]:
+            path = Path(negative["uri"])
+            assert negative["image_id"] == hashlib.sha1(path.read_bytes()).hexdigest()
+            other = rows[int(path.stem)]
+            differ += [name for name in synth.ATTRIBUTES if other[name] != positive[name]]
+        assert len(differ) == len(set(differ)) == len(pair["negatives"])  # one each, all different
