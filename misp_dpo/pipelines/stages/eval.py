@@ -52,7 +52,8 @@ class EvalStageConfig(StageConfig):
     )
     pairs: Path | None = option(
         None,
-        "held-out preference table (prompt, chosen, optional rejected, image, negatives) or its folder",
+        "held-out preference table (prompt, chosen, optional rejected, image, negatives, optional "
+        "negative_kinds: how each negative differs, for accuracy per kind) or its folder",
         hashed=False,
     )
     eval_options: EvalConfig = option(EvalConfig(), "generation and scoring")
