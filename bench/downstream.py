@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import replace_deep  # noqa: E402
 
-from misp_dpo.errors import UserError  # noqa: E402
+from misp_dpo.errors import OutputMadeOtherwise  # noqa: E402
 from misp_dpo.eval.paired import PairedDiff, paired_difference  # noqa: E402
 from misp_dpo.log import configure_logging  # noqa: E402
 
@@ -164,7 +164,7 @@ def run_cached(stage: Any, cfg: Any, opts: Any) -> None:
 
     try:
         run_stage(stage, cfg, opts)
-    except UserError:
+    except OutputMadeOtherwise:
         run_stage(stage, cfg, dataclasses.replace(opts, overwrite=True))
 
 
@@ -302,23 +302,23 @@ def corrupt_negatives(table: Any, out: Path, kind: str, seed: int) -> Any:
             tmp = path.with_suffix(".tmp.png")
             corrupted.save(tmp)
             tmp.replace(path)
-        row["negatives"] = [
-            {
-                "image_id": f"corrupt-{row['pair_id']}",
-                "uri": str(path.resolve()),
-                "rank": 0,
-                "sim_image": None,
-                "sim_prompt": None,
-                "recon_error": None,
-                "deviation": None,
-                "diversity_gain": None,
-                "score": None,
-                "proposal": 1.0,
-            }
-        ]
+        row["negatives"] = [unmined_negative(f"corrupt-{row['pair_id']}", str(path.resolve()), 0, 1.0)]
     import pyarrow as pa
 
     return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def unmined_negative(image_id: str, uri: str, rank: int, proposal: float) -> dict[str, Any]:
+    """A negative for the trainer that no mining scored (every mined field of the schema empty)."""
+    from misp_dpo.pipelines.schemas import NEGATIVE
+
+    return {
+        **dict.fromkeys(field.name for field in NEGATIVE),
+        "image_id": image_id,
+        "uri": uri,
+        "rank": rank,
+        "proposal": proposal,
+    }
 
 
 def oracle_negatives(table: Any, synth_dir: Path, seed: int) -> Any:
@@ -342,6 +342,7 @@ def oracle_negatives(table: Any, synth_dir: Path, seed: int) -> Any:
     for i, key in enumerate(keys):
         by_key.setdefault(key, []).append(i)
     row_of = {uri: i for i, uri in enumerate(uris)}
+    image_ids: dict[int, str] = {}
     rows = table.to_pylist()
     for row, pair_seed in zip(rows, pair_seeds([r["pair_id"] for r in rows], seed), strict=True):
         rng = np.random.default_rng(int(pair_seed))
@@ -356,20 +357,11 @@ def oracle_negatives(table: Any, synth_dir: Path, seed: int) -> Any:
             ]
             if twins and len(picks) < len(row["negatives"]):
                 picks.append(twins[int(rng.integers(len(twins)))])
+        for j in picks:
+            if j not in image_ids:  # each picked image read once, however many pairs pick it
+                image_ids[j] = hashlib.sha1(Path(uris[j]).read_bytes()).hexdigest()
         row["negatives"] = [
-            {
-                "image_id": hashlib.sha1(Path(uris[j]).read_bytes()).hexdigest(),
-                "uri": uris[j],
-                "rank": rank,
-                "sim_image": None,
-                "sim_prompt": None,
-                "recon_error": None,
-                "deviation": None,
-                "diversity_gain": None,
-                "score": None,
-                "proposal": 1.0 / len(picks),
-            }
-            for rank, j in enumerate(picks)
+            unmined_negative(image_ids[j], uris[j], rank, 1.0 / len(picks)) for rank, j in enumerate(picks)
         ]
     return pa.Table.from_pylist(rows, schema=table.schema)
 

@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input or configuration, reported as one line naming the problem and the fix."""
 
 
+class OutputMadeOtherwise(UserError):
+    """An output folder made with another config or inputs: `--overwrite` replaces it (a cache, such as
+    bench/downstream.py's, replaces it without asking; any other `UserError` still stops it)."""
+
+
 # An object's repr such as `<_io.BytesIO object at 0x7f...>`: its address differs on every run.
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import misp_dpo.pipelines.stages.embed as embed_stage
-from misp_dpo.errors import UserError
+from misp_dpo.errors import OutputMadeOtherwise, UserError
 from misp_dpo.image_uris import read_uri
 from misp_dpo.pipelines.embeddings import ImageStore, read_embeddings
 from misp_dpo.pipelines.io import read_table, vectors_to_numpy
@@ -135,7 +135,7 @@ def test_two_runs_on_the_same_broken_images_write_identical_failure_tables(tmp_p
 
 def test_changed_config_is_refused_in_one_line(small_pairs: Path, tmp_path: Path) -> None:
     run_embed(small_pairs, tmp_path / "emb")
-    with pytest.raises(UserError) as error:
+    with pytest.raises(OutputMadeOtherwise) as error:  # a UserError: one line, no traceback
         run_embed(small_pairs, tmp_path / "emb", seed=1)
     assert "--overwrite" in str(error.value) and "seed: 0 -> 1" in str(error.value)
     assert "\n" not in str(error.value)

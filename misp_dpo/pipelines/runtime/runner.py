@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from misp_dpo.config import stable_hash, to_dict
-from misp_dpo.errors import UserError
+from misp_dpo.errors import OutputMadeOtherwise, UserError
 from misp_dpo.log import LOGGER, log_event
 from misp_dpo.pipelines.io import read_json, write_json
 from misp_dpo.pipelines.manifest import MANIFEST, FileRecord, Manifest, read_manifest
@@ -44,7 +44,7 @@ def prepare_output(stage: Stage[C], cfg: C, chash: str, overwrite: bool) -> Mani
             raise UserError(f"--out {out}: holds a `{previous.get('stage')}` output; choose another folder")
         if previous["config_hash"] != chash:
             changed = _config_diff(previous.get("config", {}), to_dict(cfg, hashed_only=True))
-            raise UserError(
+            raise OutputMadeOtherwise(
                 f"--out {out}: was made with another config or inputs ({changed}); "
                 "rerun with --overwrite to replace it, or choose another --out"
             )
