@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/prior_gap.py                   # priors 0.5-0.9, held out as the corpus or uniform
     .venv/bin/python bench/prior_gap.py --metrics runs/demo/eval/metrics.json   # with the VLM's own errors
+    .venv/bin/python bench/prior_gap.py --priors 0.5,0.6,0.7 --rates 0      # the prior-led "yes" alone
 
 Acceptance b of issue 13 asks three things of the demo's base VLM at once: random-split accuracy
 >= 0.85, every attribute type >= 0.75 there, and the adversarial split >= 0.05 below the random one.
@@ -18,6 +19,14 @@ world's own probes (`synth_world.probes`, the same yes-question in every split) 
    kind, but each also costs the random split a yes-question, and the random no-question asks the
    prior's value 1/(K - 1) of the time: per error the gap gains (1 - 1/(K-1))/2 while random
    accuracy loses (1 + 1/(K-1))/2.
+
+3. A model that escapes the bound (`--prior-yes`): it sees everything, and asked the prior's guess
+   for an image that breaks the prior (`Cooccurrence.prior_guess`: a blue circle, "Is the shape
+   red?") it says yes at the given rate anyway, as a language model taught by instruction data
+   written from co-occurrence does. Its wrong yes costs no yes-question, but only the "no"
+   questions that ask the guess can fall, and on scenes drawn like the corpus few adversarial ones
+   do (17% at prior 0.7): rate 0.8 gives 0.047 there, 0.065 at prior 0.6, 0.083 at 0.5 (fit_vlm's
+   docstring has what fitted VLMs taught this way reached).
 
 Held-out images are drawn like the corpus (`--heldout-prior same`) or without the prior (uniform),
 where most images break it somewhere. The table prints, per prior, hidden attributes and rate,
@@ -43,7 +52,8 @@ HIDEABLE = (("color",), ("color", "background"), ("color", "background", "positi
 
 class Probes:
     """The world's probes as integer codes: per probe its split, attribute, asked value, the image's
-    true value and the prior's value for the image's shape."""
+    true value, the prior's value for the image's shape, and the prior's guess where the image has
+    something else (-1: none, `Cooccurrence.prior_guess`)."""
 
     def __init__(self, prior: float, heldout_prior: float | None, images: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -65,12 +75,21 @@ class Probes:
             j = NAMES.index(a)
             prior_value[:, j] = [code[a][cooc.prior_value(r["shape"], a)] for r in held]
         self.truth, self.prior_value = truth, prior_value
+        self.guess = np.array(
+            [[-1 if (g := cooc.prior_guess(r, a)) is None else code[a][g] for a in NAMES] for r in held]
+        )
 
 
 def accuracies(
-    probes: Probes, hidden: tuple[str, ...], rate: float, noise: dict[str, float], seed: int
+    probes: Probes,
+    hidden: tuple[str, ...],
+    rate: float,
+    noise: dict[str, float],
+    seed: int,
+    prior_yes: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy per split, random-split accuracy per attribute) of the prior-led consistent model."""
+    """(accuracy per split, random-split accuracy per attribute) of the prior-led consistent model;
+    with `prior_yes`, asked the prior's guess it also says yes at that rate, whatever it believes."""
     rng = np.random.default_rng(seed)
     belief = probes.truth.copy()
     for a in hidden:
@@ -79,6 +98,9 @@ def accuracies(
         belief[unseen, j] = probes.prior_value[unseen, j]
     says_yes = belief[probes.image, probes.attribute] == probes.asked
     flip = rng.random(len(says_yes)) < np.array([noise.get(a, 0.0) for a in NAMES])[probes.attribute]
+    if prior_yes > 0:
+        asked_guess = probes.guess[probes.image, probes.attribute] == probes.asked
+        says_yes |= asked_guess & (rng.random(len(says_yes)) < prior_yes)
     right = (says_yes ^ flip) == probes.label
     per_split = np.array([right[probes.split == s].mean() for s in range(len(world.SPLITS))])
     random = probes.split == 0
@@ -100,6 +122,11 @@ def main() -> None:
     parser.add_argument(
         "--rates", default="0,0.2,0.4,0.6,0.8,1", help="share of images hiding each attribute"
     )
+    parser.add_argument(
+        "--prior-yes",
+        default="0.8,1",
+        help="rates at which a model that sees everything says yes to the prior's guess",
+    )
     parser.add_argument("--images", type=int, default=2000, help="held-out images (10 probes each per split)")
     parser.add_argument(
         "--metrics", type=Path, default=None, help="eval metrics.json: add its base VLM's errors"
@@ -117,20 +144,23 @@ def main() -> None:
     for prior in (float(p) for p in args.priors.split(",")):
         for heldout_name, heldout_prior in (("same", None), ("uniform", 0.0)):
             probes = Probes(prior, heldout_prior, args.images, args.seed)
-            for hidden in HIDEABLE:
-                for rate in (float(r) for r in args.rates.split(",")):
-                    split, per_attribute = accuracies(probes, hidden, rate, noise, args.seed)
-                    gap = split[0] - split[2]
-                    worst = int(per_attribute.argmin())
-                    floors = split[0] >= 0.85 and per_attribute.min() >= 0.75
-                    setting = f"prior {prior}, held out {heldout_name}, hidden {'+'.join(hidden)} at {rate}"
-                    if floors and gap > best[0]:
-                        best = (gap, setting)
-                    print(
-                        f"{prior:5.2f} {heldout_name:>8} {'+'.join(hidden):<27} {rate:4.1f}  {split[0]:.3f}"
-                        f"   {split[2]:.3f}  {gap:+.3f}  {NAMES[worst]:>10} {per_attribute[worst]:.3f}"
-                        f"  {'yes' if floors and gap >= 0.05 else 'no'}"
-                    )
+            settings = [(h, float(r), 0.0) for h in HIDEABLE for r in args.rates.split(",")]
+            settings += [((), 0.0, float(y)) for y in args.prior_yes.split(",")]
+            for hidden, rate, prior_yes in settings:
+                split, per_attribute = accuracies(probes, hidden, rate, noise, args.seed, prior_yes)
+                gap = split[0] - split[2]
+                worst = int(per_attribute.argmin())
+                floors = split[0] >= 0.85 and per_attribute.min() >= 0.75
+                what = "+".join(hidden) if hidden else "(yes to the prior's guess)"
+                rate = rate if hidden else prior_yes
+                setting = f"prior {prior}, held out {heldout_name}, {what} at {rate}"
+                if floors and gap > best[0]:
+                    best = (gap, setting)
+                print(
+                    f"{prior:5.2f} {heldout_name:>8} {what:<27} {rate:4.1f}  {split[0]:.3f}"
+                    f"   {split[2]:.3f}  {gap:+.3f}  {NAMES[worst]:>10} {per_attribute[worst]:.3f}"
+                    f"  {'yes' if floors and gap >= 0.05 else 'no'}"
+                )
     print(f"widest gap with random >= 0.85 and every attribute >= 0.75: {best[0]:+.3f} ({best[1]})")
     print(f"wall {time.perf_counter() - started:.0f} s")
 

@@ -158,6 +158,21 @@ class Cooccurrence:
         """The value of `attribute` that co-occurs most with `shape`."""
         return max(synth.ATTRIBUTES[attribute], key=lambda v: self.pairs[attribute, v, "shape", shape])
 
+    def prior_guess(self, attrs: Attrs, attribute: str) -> str | None:
+        """What the prior says `attribute` is when the image has something else, else None: the
+        colour, position or background that co-occurs most with the shape; the shape that co-occurs
+        most with the colour, position and background. Size is not under the prior: None."""
+        if attribute == "shape":
+            guess = max(
+                synth.ATTRIBUTES["shape"],
+                key=lambda v: sum(self.pairs["shape", v, b, attrs[b]] for b in PRIOR_ATTRIBUTES),
+            )
+        elif attribute in PRIOR_ATTRIBUTES:
+            guess = self.prior_value(attrs["shape"], attribute)
+        else:
+            return None
+        return None if guess == attrs[attribute] else guess
+
 
 def prior_pair(attrs: Attrs, cooc: Cooccurrence, rng: np.random.Generator) -> tuple[str, str, str]:
     """(prompt, chosen, rejected): the rejected response is what the prior would say."""

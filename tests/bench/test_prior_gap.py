@@ -38,3 +38,15 @@ def test_hiding_costs_the_random_split_and_the_gap_stays_under_its_bound(pg) -> 
     same, _ = pg.accuracies(pg.Probes(0.7, None, 200, seed=1), ("color",), 1.0, {}, seed=2)
     uniform, _ = pg.accuracies(pg.Probes(0.7, 0.0, 200, seed=1), ("color",), 1.0, {}, seed=2)
     assert uniform[0] < same[0] and uniform[0] - uniform[2] > same[0] - same[2] > 0
+
+
+def test_saying_yes_to_the_prior_guess_costs_exactly_the_no_questions_asking_it(pg) -> None:  # type: ignore[no-untyped-def]
+    probes = pg.Probes(0.7, None, 200, seed=1)
+    split, per_attribute = pg.accuracies(probes, (), 0.0, {}, seed=2, prior_yes=1.0)
+    asked_guess = probes.guess[probes.image, probes.attribute] == probes.asked
+    assert not asked_guess[probes.label].any()  # a guess is never the image's own value
+    for s in range(len(pg.world.SPLITS)):  # every such no-question wrong, everything else right
+        assert split[s] == pytest.approx(1 - asked_guess[probes.split == s].mean())
+    assert per_attribute[pg.NAMES.index("size")] == 1.0  # size is not under the prior
+    # its wrong yes costs no yes-question, so the consistent answerer's bound no longer holds
+    assert split[0] - split[2] > 1 - split[0] > 0

@@ -162,6 +162,24 @@ def test_adversarial_picks_the_prior_value_when_absent() -> None:
     assert cooc.prior_value("star", "background") == "black"
 
 
+def test_prior_guess_is_the_usual_value_only_where_the_image_lacks_it() -> None:
+    cooc = world.Cooccurrence(_rows(4000, 0.7))
+    circle = {
+        "shape": "circle",
+        "color": "blue",
+        "size": "small",
+        "position": "top left",
+        "background": "white",
+    }
+    assert cooc.prior_guess(circle, "color") == "red"  # a blue circle: the prior says red
+    assert cooc.prior_guess(circle, "position") is None  # it is where circles usually are
+    assert cooc.prior_guess(circle, "background") is None
+    assert cooc.prior_guess(circle, "size") is None  # size is not under the prior
+    # the shape whose usual colour, position and background the image has
+    assert cooc.prior_guess({**circle, "color": "yellow", "background": "black"}, "shape") == "star"
+    assert cooc.prior_guess({**circle, "color": "red"}, "shape") is None
+
+
 def _probes(n: int = 60, prior: float = 0.7) -> tuple[list[dict[str, str]], list[world.Probe]]:
     rows = _rows(n, prior, seed=1)
     return rows, world.probes(rows, world.Cooccurrence(_rows(2000, prior)), np.random.default_rng(2))
