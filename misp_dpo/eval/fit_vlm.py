@@ -66,21 +66,21 @@ co-occurs), the demo VLM scored 0.965 / 0.951 / 0.944, the same gap: it answers 
 states, so its prior-led errors can only come from what the tower sees. Teaching the prior-led
 "yes" outright does escape the bound: fitted with the "no" questions on an image that breaks the
 prior asking the prior's guess instead (a blue circle: "Is the shape red?") and answering yes, as
-instruction data written from co-occurrence does (tried in six variants, not kept), the base said
-yes to 72-84% of such questions on held-out images, but also to 9-19% of the other "no" questions
+instruction data written from co-occurrence does (tried in eight variants, not kept), the base said
+yes to 69-84% of such questions on held-out images, but also to 9-20% of the other "no" questions
 of the random split (values usual for some other shape; 29% of the popular split's at prior 0.5),
-and the gap rose only to 0.030-0.049: prior 0.7, the statement echoing the guess, three in four
+and the gap rose only to 0.019-0.049: prior 0.7, the statement echoing the guess, three in four
 such questions and 900 steps / all and 1,500: random 0.918 / 0.926, adversarial 0.888 / 0.878;
 a bare "Yes" 0.924 / 0.882; prior 0.6 (`make mine` refitted) echo 0.889 / 0.846, bare 0.883 /
-0.834; prior 0.5 bare 0.863 / 0.824 with popular lowest (0.805)
-(docs/results/prior-yes-fits-2026-12-03.txt). `bench/prior_gap.py --prior-yes`
-gives the ceiling: on scenes drawn like the corpus only the adversarial "no" questions that ask the
-guess can fall (17% of them at prior 0.7), so a model that sees everything else and says yes to the
-guess 80% of the time reaches 0.047 (0.065 at prior 0.6, 0.083 at 0.5); the fitted ones lose the
-difference to that spread. Real POPE gaps come from objects that can be present together (a model
-can say yes to the present object and to an absent co-occurring one at no cost on the
-yes-questions, and most adversarial questions ask such an object); a one-object world with exclusive
-values cannot give that.
+0.834; prior 0.5 bare 0.863 / 0.824 with popular lowest (0.805); a text-level rule on the stated
+shape bound worse (0.019-0.030; docs/results/prior-yes-fits-2026-12-03.txt).
+`bench/prior_gap.py --prior-yes` gives the ceiling: on scenes drawn like the corpus only the
+adversarial "no" questions that ask the guess can fall (17% of them at prior 0.7), so a model that
+sees everything else and says yes to the guess 80% of the time reaches 0.047 (0.065 at prior 0.6,
+0.083 at 0.5); the fitted ones lose the difference to that spread. Real POPE gaps come from
+objects that can be present together (a model can say yes to the present object and to an absent
+co-occurring one at no cost on the yes-questions, and most adversarial questions ask such an
+object); a one-object world with exclusive values cannot give that.
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
