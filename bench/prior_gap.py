@@ -52,9 +52,9 @@ HIDEABLE = (("color",), ("color", "background"), ("color", "background", "positi
 
 
 class Probes:
-    """The world's probes as integer codes: per probe its split, attribute, asked value, the image's
-    true value, the prior's value for the image's shape, and the prior's guess where the image has
-    something else (-1: none, `Cooccurrence.prior_guess`)."""
+    """The world's probes as integer codes: per probe its split, attribute and asked value; per image
+    and attribute its true value and the prior's guess where the image has something else (-1:
+    none, `Cooccurrence.prior_guess`)."""
 
     def __init__(self, prior: float, heldout_prior: float | None, images: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -70,12 +70,7 @@ class Probes:
         self.image = np.array([p.image for p in found])
         self.asked = np.array([asked[p.attribute, p.question] for p in found])
         self.label = np.array([p.label == "yes" for p in found])
-        truth = np.array([[code[a][r[a]] for a in NAMES] for r in held])  # (images, attributes)
-        prior_value = truth.copy()
-        for a in world.PRIOR_ATTRIBUTES:
-            j = NAMES.index(a)
-            prior_value[:, j] = [code[a][cooc.prior_value(r["shape"], a)] for r in held]
-        self.truth, self.prior_value = truth, prior_value
+        self.truth = np.array([[code[a][r[a]] for a in NAMES] for r in held])  # (images, attributes)
         self.guess = np.array(
             [[-1 if (g := cooc.prior_guess(r, a)) is None else code[a][g] for a in NAMES] for r in held]
         )
@@ -93,10 +88,11 @@ def accuracies(
     with `prior_yes`, asked the prior's guess it also says yes at that rate, whatever it believes."""
     rng = np.random.default_rng(seed)
     belief = probes.truth.copy()
+    prior_value = np.where(probes.guess >= 0, probes.guess, probes.truth)  # what the prior believes
     for a in hidden:
         j = NAMES.index(a)
         unseen = rng.random(probes.images) < rate
-        belief[unseen, j] = probes.prior_value[unseen, j]
+        belief[unseen, j] = prior_value[unseen, j]
     says_yes = belief[probes.image, probes.attribute] == probes.asked
     flip = rng.random(len(says_yes)) < np.array([noise.get(a, 0.0) for a in NAMES])[probes.attribute]
     if prior_yes > 0:
