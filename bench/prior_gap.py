@@ -53,8 +53,9 @@ HIDEABLE = (("color",), ("color", "background"), ("color", "background", "positi
 
 class Probes:
     """The world's probes as integer codes: per probe its split, attribute and asked value; per image
-    and attribute its true value and the prior's guess where the image has something else (-1:
-    none, `Cooccurrence.prior_guess`)."""
+    and attribute its true value, the value the prior gives for the shape (`Cooccurrence.prior_value`;
+    the truth for the shape and size) and which values the prior suggests beside the image's own
+    (`guessed`, per value: `Cooccurrence.prior_guesses`)."""
 
     def __init__(self, prior: float, heldout_prior: float | None, images: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -71,9 +72,20 @@ class Probes:
         self.asked = np.array([asked[p.attribute, p.question] for p in found])
         self.label = np.array([p.label == "yes" for p in found])
         self.truth = np.array([[code[a][r[a]] for a in NAMES] for r in held])  # (images, attributes)
-        self.guess = np.array(
-            [[-1 if (g := cooc.prior_guess(r, a)) is None else code[a][g] for a in NAMES] for r in held]
+        self.prior_value = np.array(
+            [
+                [
+                    code[a][cooc.prior_value(r["shape"], a) if a in world.PRIOR_ATTRIBUTES else r[a]]
+                    for a in NAMES
+                ]
+                for r in held
+            ]
         )
+        widest = max(len(values) for values in synth.ATTRIBUTES.values())
+        self.guessed = np.zeros((len(held), len(NAMES), widest), dtype=bool)
+        for i, r in enumerate(held):
+            for j, a in enumerate(NAMES):
+                self.guessed[i, j, [code[a][g] for g in cooc.prior_guesses(r, a)]] = True
 
 
 def accuracies(
@@ -88,15 +100,14 @@ def accuracies(
     with `prior_yes`, asked the prior's guess it also says yes at that rate, whatever it believes."""
     rng = np.random.default_rng(seed)
     belief = probes.truth.copy()
-    prior_value = np.where(probes.guess >= 0, probes.guess, probes.truth)  # what the prior believes
     for a in hidden:
         j = NAMES.index(a)
         unseen = rng.random(probes.images) < rate
-        belief[unseen, j] = prior_value[unseen, j]
+        belief[unseen, j] = probes.prior_value[unseen, j]
     says_yes = belief[probes.image, probes.attribute] == probes.asked
     flip = rng.random(len(says_yes)) < np.array([noise.get(a, 0.0) for a in NAMES])[probes.attribute]
     if prior_yes > 0:
-        asked_guess = probes.guess[probes.image, probes.attribute] == probes.asked
+        asked_guess = probes.guessed[probes.image, probes.attribute, probes.asked]
         says_yes |= asked_guess & (rng.random(len(says_yes)) < prior_yes)
     right = (says_yes ^ flip) == probes.label
     per_split = np.array([right[probes.split == s].mean() for s in range(len(world.SPLITS))])

@@ -1,7 +1,7 @@
 """The demo world where a model can hallucinate: a language prior, held-out images, probes on them.
 
-- **Prior.** Each shape has a usual colour, position and background (`USUAL`); with probability
-  `prior` each of those takes the shape's usual value, else the uniform draw of
+- **Prior.** Each shape has two usual colours, positions and backgrounds (`USUAL`); with
+  probability `prior` each of those takes one of the shape's usual values, else the uniform draw of
   `synth.draw_attributes`. A model can then answer from the shape alone instead of the pixels.
   `prior = 0` draws nothing more, so the training corpus is byte for byte the corpus from before
   the prior existed (images, attributes and pairs, the rejected texts then one random attribute wrong).
@@ -36,16 +36,44 @@ from misp_dpo.embed import synth
 from misp_dpo.log import progress
 
 PRIOR_ATTRIBUTES = ("color", "position", "background")
-# Two shapes share a usual colour, position and background, so the values' frequencies differ
-# (POPE's "popular" split needs that) and a present value does not always give the shape away.
-USUAL: dict[str, dict[str, str]] = {
-    "circle": {"color": "red", "position": "top left", "background": "white"},
-    "square": {"color": "blue", "position": "bottom right", "background": "gray"},
-    "triangle": {"color": "green", "position": "top right", "background": "white"},
-    "star": {"color": "yellow", "position": "top left", "background": "black"},
-    "cross": {"color": "red", "position": "bottom left", "background": "striped"},
+# Two usual values per shape and attribute, as objects have several usual companions (POPE's
+# adversarial split asks the absent one that co-occurs most): an image with one of them lacks the
+# other, so the adversarial question asks what the prior suggests in most images, not only in those
+# that break it (17% of them with one usual value at prior 0.7, which capped the gap a prior-led
+# model could show: bench/prior_gap.py). Shapes share values unevenly (red is usual for three, purple
+# for one), so the values' frequencies differ, as POPE's "popular" split needs.
+USUAL: dict[str, dict[str, tuple[str, str]]] = {
+    "circle": {
+        "color": ("red", "yellow"),
+        "position": ("top left", "bottom right"),
+        "background": ("white", "gray"),
+    },
+    "square": {
+        "color": ("blue", "green"),
+        "position": ("bottom right", "top right"),
+        "background": ("gray", "striped"),
+    },
+    "triangle": {
+        "color": ("green", "red"),
+        "position": ("top right", "top left"),
+        "background": ("white", "black"),
+    },
+    "star": {
+        "color": ("yellow", "blue"),
+        "position": ("top left", "bottom left"),
+        "background": ("black", "white"),
+    },
+    "cross": {
+        "color": ("red", "purple"),
+        "position": ("bottom left", "top left"),
+        "background": ("striped", "white"),
+    },
 }
 SPLITS = ("random", "popular", "adversarial")
+# How much more often than chance a value must come with a shape to count as usual for it: the usual
+# values come 1.6x or more at prior 0.7 and 1.4x or more at 0.5 (from 0.3 down some fall short), while
+# sampling noise on the demo corpus without the prior stays under 1.1x.
+USUAL_OVER_CHANCE = 1.25
 
 Attrs = dict[str, str]
 
@@ -110,16 +138,22 @@ class World(NamedTuple):
 
 
 def apply_prior(rows: list[Attrs], prior: float, rng: np.random.Generator) -> list[Attrs]:
-    """Each prior attribute becomes the shape's usual value with probability `prior`."""
+    """Each prior attribute becomes one of the shape's two usual values (either, evenly) with
+    probability `prior`."""
     if prior == 0.0:
         return rows  # no draw at all: P = 0 keeps the random stream, so the old corpus, unchanged
     usual = rng.random((len(rows), len(PRIOR_ATTRIBUTES))) < prior
+    which = rng.integers(0, 2, size=(len(rows), len(PRIOR_ATTRIBUTES)))
     return [
         {
             **attrs,
-            **{a: USUAL[attrs["shape"]][a] for a, hit in zip(PRIOR_ATTRIBUTES, flags, strict=True) if hit},
+            **{
+                a: USUAL[attrs["shape"]][a][k]
+                for a, hit, k in zip(PRIOR_ATTRIBUTES, flags, picks, strict=True)
+                if hit
+            },
         }
-        for attrs, flags in zip(rows, usual, strict=True)
+        for attrs, flags, picks in zip(rows, usual, which, strict=True)
     ]
 
 
@@ -158,20 +192,20 @@ class Cooccurrence:
         """The value of `attribute` that co-occurs most with `shape`."""
         return max(synth.ATTRIBUTES[attribute], key=lambda v: self.pairs[attribute, v, "shape", shape])
 
-    def prior_guess(self, attrs: Attrs, attribute: str) -> str | None:
-        """What the prior says `attribute` is when the image has something else, else None: the
-        colour, position or background that co-occurs most with the shape; the shape that co-occurs
-        most with the colour, position and background. Size is not under the prior: None."""
-        if attribute == "shape":
-            guess = max(
-                synth.ATTRIBUTES["shape"],
-                key=lambda v: sum(self.pairs["shape", v, b, attrs[b]] for b in PRIOR_ATTRIBUTES),
-            )
-        elif attribute in PRIOR_ATTRIBUTES:
-            guess = self.prior_value(attrs["shape"], attribute)
-        else:
-            return None
-        return None if guess == attrs[attribute] else guess
+    def prior_guesses(self, attrs: Attrs, attribute: str) -> tuple[str, ...]:
+        """What the prior suggests `attribute` is besides what the image has: the colours, positions
+        or backgrounds that co-occur with the shape clearly more often than chance (its usual values:
+        `USUAL_OVER_CHANCE` times, which sampling noise alone does not reach on a corpus without the
+        prior) and are absent ("Is the shape yellow?" of a red circle). The prior is about a shape's
+        look: the shape and size get none."""
+        if attribute not in PRIOR_ATTRIBUTES:
+            return ()
+        values = synth.ATTRIBUTES[attribute]
+        shape = attrs["shape"]
+        chance = USUAL_OVER_CHANCE * self.counts["shape", shape] / len(values)
+        return tuple(
+            v for v in values if v != attrs[attribute] and self.pairs[attribute, v, "shape", shape] > chance
+        )
 
 
 def prior_pair(attrs: Attrs, cooc: Cooccurrence, rng: np.random.Generator) -> tuple[str, str, str]:
@@ -292,7 +326,7 @@ def make_world(cfg: WorldConfig, rng: np.random.Generator) -> World:
 
 
 def _stats(rows: Sequence[Attrs], found: Sequence[Probe], rendered: int) -> dict[str, int]:
-    stats = {f"prior_usual_{a}": sum(r[a] == USUAL[r["shape"]][a] for r in rows) for a in PRIOR_ATTRIBUTES}
+    stats = {f"prior_usual_{a}": sum(r[a] in USUAL[r["shape"]][a] for r in rows) for a in PRIOR_ATTRIBUTES}
     for split in SPLITS:
         stats[f"probes_{split}"] = sum(p.split == split for p in found)
         stats[f"probes_{split}_yes"] = sum(p.split == split and p.label == "yes" for p in found)

@@ -107,6 +107,7 @@ from misp_dpo.config import option
 from misp_dpo.embed import synth
 from misp_dpo.embed.clip import ClipEncoder, describe_model
 from misp_dpo.embed.fit_clip import SynthData, decode_pixels, normalise, split_holdout
+from misp_dpo.embed.synth_world import Cooccurrence
 from misp_dpo.eval.scoring import parse_answer
 from misp_dpo.eval.vlm_build import VlmSize, build_model, build_processor
 from misp_dpo.optional import require
@@ -161,6 +162,14 @@ class FitVlmConfig:
         'left" for "bottom left"): with uniform ones alone the model compared the last word only and '
         "answered yes to those (position 0.83, every other attribute >= 0.94)",
     )
+    prior_yes: float = option(
+        0.25,
+        'share of phase-3 "no" questions about a colour, position or background that ask instead a '
+        'usual value of the shape that the image lacks and answer yes, stating it ("The shape is '
+        'yellow, so yes." of a red circle): instruction data written from co-occurrence, as captions '
+        "turned into questions by a language model are, so that the demo base hallucinates where "
+        "POPE's adversarial split looks (0: it answers from the pixels alone)",
+    )
     holdout: float = option(0.1, "share of the corpus images held out to measure yes/no accuracy")
 
     def __post_init__(self) -> None:
@@ -170,10 +179,9 @@ class FitVlmConfig:
                 f"need tower_steps, comparison_steps, steps >= 0 and batch sizes >= 1, got {steps}, "
                 f"{self.tower_batch_size}, {self.batch_size}"
             )
-        if not 0.0 <= self.near_miss <= 1.0 or not 0.0 <= self.recolour <= 1.0:
-            raise ValueError(
-                f"near_miss and recolour must be in [0, 1], got {self.near_miss}, {self.recolour}"
-            )
+        shares = (self.near_miss, self.recolour, self.prior_yes)
+        if not all(0.0 <= share <= 1.0 for share in shares):
+            raise ValueError(f"near_miss, recolour and prior_yes must be in [0, 1], got {shares}")
         if not 0.0 < self.holdout < 1.0 or not 0.0 <= self.question_share <= 1.0:
             raise ValueError(
                 f"holdout must be in (0, 1) and question_share in [0, 1], "
@@ -448,16 +456,38 @@ def yes_no(
     return synth.question(attribute, value), f"{statement}, so {label.lower()}."
 
 
+def prior_led_yes(
+    attrs: dict[str, str], attribute: str, guesses: tuple[str, ...], rng: np.random.Generator, reasoned: bool
+) -> tuple[str, str]:
+    """A question asking one of `guesses` (values the prior suggests and the image lacks), answered
+    yes; a reasoned answer states the asked value, as a hallucinating model does."""
+    value = guesses[int(rng.integers(len(guesses)))]
+    if not reasoned:
+        return synth.question(attribute, value), synth.answer(True)
+    return synth.question(attribute, value), f"{_STATEMENT[attribute].format(value=value)}, so yes."
+
+
 def sample_sequences(
-    data: SynthData, rows: np.ndarray, cfg: FitVlmConfig, rng: np.random.Generator
+    data: SynthData,
+    rows: np.ndarray,
+    cfg: FitVlmConfig,
+    rng: np.random.Generator,
+    prior: Cooccurrence | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, response) for each row: a balanced yes/no question, or a corpus question and answer."""
+    """(prompt, response) for each row: a balanced yes/no question (a `cfg.prior_yes` share of the
+    "no" ones made prior-led yes where `prior` suggests a value the image lacks), or a corpus
+    question and answer."""
     items = []
     for row in rows:
         attrs = data.attributes(data.codes[row])
         if rng.random() < cfg.question_share:
             attribute = data.names[int(rng.integers(len(data.names)))]
-            items.append(yes_no(attrs, attribute, bool(rng.random() < 0.5), rng, cfg.reasoned, cfg.near_miss))
+            truthful = bool(rng.random() < 0.5)
+            guesses = () if truthful or prior is None else prior.prior_guesses(attrs, attribute)
+            if cfg.prior_yes > 0 and guesses and rng.random() < cfg.prior_yes:
+                items.append(prior_led_yes(attrs, attribute, guesses, rng, cfg.reasoned))
+            else:
+                items.append(yes_no(attrs, attribute, truthful, rng, cfg.reasoned, cfg.near_miss))
         else:
             prompt, focus = synth.QUESTIONS[int(rng.integers(len(synth.QUESTIONS)))]
             items.append((prompt, synth.response(attrs, focus)))
@@ -580,12 +610,14 @@ def train_language(
     cfg: FitVlmConfig,
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> list[float]:
-    """Cached tower tokens of the training images with their questions and descriptions."""
+    """Cached tower tokens of the training images with their questions and descriptions; the
+    prior-led yes follows the co-occurrence of the training images' attributes."""
     rng = np.random.default_rng(cfg.seed + 1)
+    prior = Cooccurrence([data.attributes(codes) for codes in data.codes]) if cfg.prior_yes > 0 else None
 
     def batch() -> tuple[torch.Tensor, list[tuple[str, str]]]:
         rows = rng.choice(len(tokens), size=min(cfg.batch_size, len(tokens)), replace=False)
-        return tokens[torch.as_tensor(rows)], sample_sequences(data, rows, cfg, rng)
+        return tokens[torch.as_tensor(rows)], sample_sequences(data, rows, cfg, rng, prior)
 
     return train_decoder(model, bank, cfg.steps, cfg, batch, "language", on_step)
 

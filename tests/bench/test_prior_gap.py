@@ -43,7 +43,7 @@ def test_hiding_costs_the_random_split_and_the_gap_stays_under_its_bound(pg) -> 
 def test_saying_yes_to_the_prior_guess_costs_exactly_the_no_questions_asking_it(pg) -> None:  # type: ignore[no-untyped-def]
     probes = pg.Probes(0.7, None, 200, seed=1)
     split, per_attribute = pg.accuracies(probes, (), 0.0, {}, seed=2, prior_yes=1.0)
-    asked_guess = probes.guess[probes.image, probes.attribute] == probes.asked
+    asked_guess = probes.guessed[probes.image, probes.attribute, probes.asked]
     assert not asked_guess[probes.label].any()  # a guess is never the image's own value
     for s in range(len(pg.world.SPLITS)):  # every such no-question wrong, everything else right
         assert split[s] == pytest.approx(1 - asked_guess[probes.split == s].mean())

@@ -193,6 +193,39 @@ def test_near_misses_ask_a_value_sharing_a_word_with_the_truth() -> None:
         FitVlmConfig(near_miss=1.5)
 
 
+def test_prior_led_yes_asks_only_usual_values_the_image_lacks() -> None:
+    from misp_dpo.embed import synth_world as world
+    from misp_dpo.eval.scoring import parse_answer
+
+    names = list(synth.ATTRIBUTES)
+    rows = world.draw(2000, 0.7, np.random.default_rng(0))
+    codes = np.array([[synth.ATTRIBUTES[k].index(r[k]) for k in names] for r in rows], dtype=np.int64)
+    data = SynthData(
+        torch.zeros(len(rows), 3, 1, 1), codes, names, [list(synth.ATTRIBUTES[k]) for k in names]
+    )
+    prior = world.Cooccurrence(rows)
+    picked = np.arange(len(rows))
+    by_value = {(a, synth.question(a, v)): (a, v) for a in names for v in synth.ATTRIBUTES[a]}
+
+    def sampled(share: float, cooc: world.Cooccurrence | None) -> list[tuple[str, str]]:
+        cfg = FitVlmConfig(question_share=1.0, prior_yes=share)
+        return fit_vlm.sample_sequences(data, picked, cfg, np.random.default_rng(1), cooc)
+
+    led = 0
+    for row, (question, answer) in zip(rows, sampled(1.0, prior), strict=True):
+        attribute, value = next(by_value[a, question] for a in names if (a, question) in by_value)
+        if parse_answer(answer) == "yes" and value != row[attribute]:  # a prior-led yes
+            led += 1
+            assert value in prior.prior_guesses(row, attribute) and value in answer
+        elif parse_answer(answer) == "no":  # every "no" left is one the prior suggests nothing for
+            assert attribute not in world.PRIOR_ATTRIBUTES or not prior.prior_guesses(row, attribute)
+    assert 0.2 < led / len(rows) < 0.35  # half are "no" questions, 3 of 5 attributes, mostly a guess
+    # a share of 0 draws nothing more: the fitting of before the prior-led yes, item for item
+    assert sampled(0.0, prior) == sampled(0.0, None)
+    with pytest.raises(ValueError, match="prior_yes"):
+        FitVlmConfig(prior_yes=-0.1)
+
+
 def test_comparison_items_are_decided_by_the_stated_word_alone() -> None:
     from misp_dpo.eval.scoring import parse_answer
 
