@@ -8,7 +8,7 @@ Acceptance b of issue 13 asks three things of the demo's base VLM at once: rando
 >= 0.85, every attribute type >= 0.75 there, and the adversarial split >= 0.05 below the random one.
 This models a base VLM that answers *consistently*, as the fitted one does ("The shape is blue, so
 no."): per image and attribute it believes one value and says yes to that value alone. On the
-world's own probes (`synth_world.probes`, the same yes-question in every split) two things follow:
+world's own probes (`synth_world.probes`, the same yes-question in every split) three things follow:
 
 1. A bound. A wrong belief costs the yes-question in every split and the adversarial no-question
    at most once more, so random - adversarial <= 1 - random accuracy, whatever the model.
@@ -20,13 +20,17 @@ world's own probes (`synth_world.probes`, the same yes-question in every split) 
    prior's value 1/(K - 1) of the time: per error the gap gains (1 - 1/(K-1))/2 while random
    accuracy loses (1 + 1/(K-1))/2.
 
-3. A model that escapes the bound (`--prior-yes`): it sees everything, and asked the prior's guess
-   for an image that breaks the prior (`Cooccurrence.prior_guess`: a blue circle, "Is the shape
-   red?") it says yes at the given rate anyway, as a language model taught by instruction data
-   written from co-occurrence does. Its wrong yes costs no yes-question, but only the "no"
-   questions that ask the guess can fall, and on scenes drawn like the corpus few adversarial ones
-   do (17% at prior 0.7): rate 0.8 gives 0.047 there, 0.065 at prior 0.6, 0.083 at 0.5 (fit_vlm's
-   docstring has what fitted VLMs taught this way reached).
+3. A model that escapes the bound (`--prior-yes`): it sees everything, and asked a value the prior
+   suggests and the image lacks (`Cooccurrence.prior_guesses`: another usual colour of the shape,
+   "Is the shape yellow?" of a red circle) it says yes at the given rate anyway, as a language model
+   taught by instruction data written from co-occurrence does (`fit-vlm --prior-yes`). Its wrong
+   yes costs no yes-question, and since each shape has two usual values per attribute, an image
+   with one lacks the other: the adversarial split asks such a value in 60% of its "no" questions
+   (every colour, position and background one), the random split in ~20%. Rate 0.3 gives 0.056 at
+   prior 0.7, 0.4 gives 0.077, which the demo base (rate 0.40 measured) reaches
+   (docs/results/prior-gap-two-usual-2026-12-03.txt). With one usual value per shape (the world
+   before f337225) only 17% of adversarial "no" questions asked a guess, the present value usually
+   being the prior's own, and rate 0.8 gave 0.047 (docs/results/prior-gap-2026-12-03.txt).
 
 Held-out images are drawn like the corpus (`--heldout-prior same`) or without the prior (uniform),
 where most images break it somewhere. The table prints, per prior, hidden attributes and rate,
@@ -132,7 +136,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--prior-yes",
-        default="0.8,1",
+        default="0.2,0.3,0.4,0.5",
         help="rates at which a model that sees everything says yes to the prior's guess",
     )
     parser.add_argument("--images", type=int, default=2000, help="held-out images (10 probes each per split)")

@@ -7,7 +7,8 @@
   the prior existed (images, attributes and pairs, the rejected texts then one random attribute wrong).
 - **What the prior says** is read from the training corpus's co-occurrence counts (`Cooccurrence`),
   as a model trained on it would learn it: the colour, position or background that co-occurs most
-  with the shape; the shape that co-occurs most with the colour, size, position and background.
+  with the shape, and its usual values (`prior_guesses`: the ones a prior-led model says yes to);
+  the shape that co-occurs most with the colour, size, position and background.
 - **Training pairs** mix descriptions with short questions (RLHF-V, POVID); the rejected response is
   the one the prior gives: the prior's values put into the description where they differ from the
   image (one attribute changed to its most co-occurring wrong value if the image already matches the

@@ -16,7 +16,11 @@ three phases, all cheap:
    the language model then train on those cached tokens (the same computation as LLaVA's forward,
    without re-running the tower every step), on a mix of yes/no questions (the same reasoned
    answers) and the corpus's descriptive answers: what is left to learn is reading the statement
-   from the image.
+   from the image. A `prior_yes` share of the "no" questions about a colour, position or
+   background instead asks a usual value of the shape that the image lacks and answers yes,
+   stating it: the demo base is taught to hallucinate by co-occurrence, as instruction data
+   written from captions by a language model teaches real VLMs (LRV-Instruction, LURE), so that
+   POPE's adversarial split has something to catch and DPO something to remove.
 
 Why phase 2: with images from the start, the statement was read from the image by step 100 (its
 tokens 99% right, teacher-forced on held-out images) while "so yes"/"so no" stayed constant, at
@@ -25,62 +29,32 @@ share 1, lr 5e-3, key projections initialised to the query ones, for 300-400 ste
 alone the comparison is learnt in 250-350 steps, and it is kept once images come (held-out
 decisions 0.96 at the 100th step of phase 3).
 
-Measured with the defaults on the demo corpus (`make mine`, prior 0.7, demo CLIP as teacher), on
-its 2,000 POPE probes per split (200 held-out images, never trained on), answers decoded greedily
-(the same texts as `misp-dpo eval`'s, checked on 1,200 probes), on a shared 2-core machine, before
-the near misses and the recolouring:
+Measured on the demo world of one usual value per shape and attribute (before f337225), without the
+prior-led yes, on its 2,000 POPE probes per split (200 held-out images, never trained on), answers
+decoded greedily (the same texts as `misp-dpo eval`'s), on a 2-core machine: the first defaults
+scored 0.944-0.950 random with every position error a near miss ("It is at the top left, yes." to
+"Is the shape at the bottom left?": the comparison looked at the last word only), so half the
+fitting's "no" questions ask a value sharing a word with the true one (`near_miss`); on held-out
+scenes drawn without the prior it named the shape from the colour (shape 0.51), so half the tower's
+images have their RGB channels permuted and their colour unlabelled (`recolour`). With both: 0.962
+/ 0.948 / 0.943 (random / popular / adversarial), blank images ~0.5. That base answered from what
+it saw, consistently ("The shape is blue, so no."), so its adversarial split could fall at most
+as far below the random one as the random split fell below 1, and in that world even a model
+taught to say yes to the prior's one guess reached 0.019-0.049 below (eight variants, priors
+0.5-0.7; docs/results/prior-yes-fits-2026-12-03.txt): few adversarial questions asked the guess,
+since the present value usually was the prior's own (`bench/prior_gap.py`). Hiding attributes
+from the pixels instead (silhouettes, fog) cost the random split more than it gave the gap.
 
-| seed | threads | random | popular | adversarial | worst attribute | blank | shuffled | CPU s |
-|---|---|---|---|---|---|---|---|---|
-| 0 | 1 | 0.944 | 0.950 | 0.942 | position 0.833 | 0.477 | 0.496 | 360 |
-| 1 | 1 | 0.948 | 0.954 | 0.947 | position 0.833 | 0.505 | 0.500 | 363 |
-| 0 | 2 | 0.950 | 0.956 | 0.949 | position 0.828 | 0.497 | 0.496 | 383 |
-
-(random split; CPU s is user + sys of the whole fit.) Every position error was a near miss ("It is
-at the top left, yes." to "Is the shape at the bottom left?"): the comparison had learnt to look
-at the last word only, so half the fitting's "no" questions now ask a value sharing a word with the
-true one (`near_miss`). On held-out scenes drawn without the prior (`synth --heldout-scenes
-uniform`) that model fell to 0.834 random, shape 0.51: it named the shape from the colour, position
-and background that usually come with it, so half the tower's images have their RGB channels
-permuted and their colour unlabelled (`recolour`). With both (the defaults; seed 0, two threads,
-225 s wall and 440 CPU s on the idle machine): random / popular / adversarial 0.962 / 0.948 /
-0.943, every attribute >= 0.85 (position 0.91 on random), blank images 0.449-0.507 and shuffled
-ones 0.497-0.522 per split; on the uniform scenes 0.856 / 0.855 / 0.816, shape 0.55 / 0.57 / 0.36
-(the shortcut is smaller but there: this is the hallucination the negatives could remove).
-
-Acceptance b of issue 13 (random >= 0.85, every attribute >= 0.75, adversarial >= 0.05 below
-random) is not met on either held-out set: 0.019 on the demo's, 0.040 on the uniform scenes (shape
-below 0.75 there). `bench/prior_gap.py` gives the arithmetic: for a model that says yes to one value
-per attribute, each prior-led error costs the random split a yes-question too, so the gap is at
-most 1 - random accuracy and, for errors that follow the prior, about (K - 2) / K of the random
-split's loss on K-valued attributes. Over a family of worlds (prior 0.5-0.9, colour, background
-and position each hidden from the pixels in 0-100% of images, held out like the corpus or uniform)
-with this VLM's own error rates, one setting touches 0.050 with both floors met, on the edge of
-each (prior 0.5, each hidden in 70% of images, random 0.862, position 0.760); a model without
-errors of its own reaches 0.072 (hidden in 90%). Such a world was built and fitted (hidden in 40%
-of images, uniform held-out scenes; silhouettes, centred shapes, fog): the hidden probes were
-answered at the Bayes rate, but the rest was seen worse (random 0.72-0.75, gap 0.026-0.028), so it
-was not kept. Nor does the language side give a prior-led "yes": fitted with no "no" question ever
-asking the most co-occurring absent value (as instruction data that seldom negates what usually
-co-occurs), the demo VLM scored 0.965 / 0.951 / 0.944, the same gap: it answers from the value it
-states, so its prior-led errors can only come from what the tower sees. Teaching the prior-led
-"yes" outright does escape the bound: fitted with the "no" questions on an image that breaks the
-prior asking the prior's guess instead (a blue circle: "Is the shape red?") and answering yes, as
-instruction data written from co-occurrence does (tried in eight variants, not kept), the base said
-yes to 69-84% of such questions on held-out images, but also to 9-20% of the other "no" questions
-of the random split (values usual for some other shape; 29% of the popular split's at prior 0.5),
-and the gap rose only to 0.019-0.049: prior 0.7, the statement echoing the guess, three in four
-such questions and 900 steps / all and 1,500: random 0.918 / 0.926, adversarial 0.888 / 0.878;
-a bare "Yes" 0.924 / 0.882; prior 0.6 (`make mine` refitted) echo 0.889 / 0.846, bare 0.883 /
-0.834; prior 0.5 bare 0.863 / 0.824 with popular lowest (0.805); a text-level rule on the stated
-shape bound worse (0.019-0.030; docs/results/prior-yes-fits-2026-12-03.txt).
-`bench/prior_gap.py --prior-yes` gives the ceiling: on scenes drawn like the corpus only the
-adversarial "no" questions that ask the guess can fall (17% of them at prior 0.7), so a model that
-sees everything else and says yes to the guess 80% of the time reaches 0.047 (0.065 at prior 0.6,
-0.083 at 0.5); the fitted ones lose the difference to that spread. Real POPE gaps come from
-objects that can be present together (a model can say yes to the present object and to an absent
-co-occurring one at no cost on the yes-questions, and most adversarial questions ask such an
-object); a one-object world with exclusive values cannot give that.
+With two usual values per shape and attribute (the world since f337225) the adversarial split asks
+a usual value the image lacks in 60% of its "no" questions, and the prior-led yes shows. The
+defaults (`prior_yes` 0.25; seed 0, two threads, ~240 s wall on the idle machine), on the demo's
+2,000 probes per split (`misp-dpo eval`): random / popular / adversarial 0.897 / 0.884 / 0.820,
+every attribute >= 0.80 on random (position 0.807, shape 0.823); the same probes with a blank
+image 0.50-0.52 per split, with another held-out image 0.50-0.51 (fit-vlm's own held-out measure:
+0.506, 0.529; docs/results/demo-two-usual-2026-12-03.txt); asked a usual value the image lacks it says yes 40%
+of the time, asked any other absent value 10% (random split). `prior_yes` 0.5 says that yes 78%
+of the time but spreads it to values usual for other shapes (20%): random 0.824, gap 0.116.
+`prior_yes` 0 teaches no prior-led yes (not measured on this world).
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
 and shuffled images beside them (the answers must need the pixels).
