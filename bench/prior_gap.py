@@ -101,7 +101,8 @@ def accuracies(
     prior_yes: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy per split, random-split accuracy per attribute) of the prior-led consistent model;
-    with `prior_yes`, asked the prior's guess it also says yes at that rate, whatever it believes."""
+    with `prior_yes`, asked a value the prior suggests it also says yes at that rate, whatever it
+    believes."""
     rng = np.random.default_rng(seed)
     belief = probes.truth.copy()
     for a in hidden:
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument(
         "--prior-yes",
         default="0.2,0.3,0.4,0.5",
-        help="rates at which a model that sees everything says yes to the prior's guess",
+        help="rates at which a model that sees everything says yes to a value the prior suggests",
     )
     parser.add_argument("--images", type=int, default=2000, help="held-out images (10 probes each per split)")
     parser.add_argument(
@@ -149,10 +150,10 @@ def main() -> None:
     noise = measured_noise(args.metrics) if args.metrics else {}
     if noise:
         print("per-attribute error added:", {a: round(e, 3) for a, e in noise.items()})
-    models = ("hidden attributes", "yes to the prior's guess")
+    models = ("hidden attributes", "yes to what the prior suggests")
     best: dict[str, tuple[float, str]] = dict.fromkeys(models, (-1.0, "none"))
     print(
-        f"{'prior':>5} {'held out':>8} {'hidden':<27} {'rate':>4}  random  advers    gap  worst attribute  b"
+        f"{'prior':>5} {'held out':>8} {'hidden':<32} {'rate':>4}  random  advers    gap  worst attribute  b"
     )
     for prior in (float(p) for p in args.priors.split(",")):
         for heldout_name, heldout_prior in (("same", None), ("uniform", 0.0)):
@@ -164,14 +165,14 @@ def main() -> None:
                 gap = split[0] - split[2]
                 worst = int(per_attribute.argmin())
                 floors = split[0] >= 0.85 and per_attribute.min() >= 0.75
-                what = "+".join(hidden) if hidden else "(yes to the prior's guess)"
+                what = "+".join(hidden) if hidden else "(yes to what the prior suggests)"
                 rate = rate if hidden else prior_yes
                 setting = f"prior {prior}, held out {heldout_name}, {what} at {rate}"
                 model = models[0] if hidden else models[1]
                 if floors and gap > best[model][0]:
                     best[model] = (gap, setting)
                 print(
-                    f"{prior:5.2f} {heldout_name:>8} {what:<27} {rate:4.1f}  {split[0]:.3f}"
+                    f"{prior:5.2f} {heldout_name:>8} {what:<32} {rate:4.2f}  {split[0]:.3f}"
                     f"   {split[2]:.3f}  {gap:+.3f}  {NAMES[worst]:>10} {per_attribute[worst]:.3f}"
                     f"  {'yes' if floors and gap >= 0.05 else 'no'}"
                 )

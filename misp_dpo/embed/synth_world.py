@@ -7,7 +7,8 @@
   the prior existed (images, attributes and pairs, the rejected texts then one random attribute wrong).
 - **What the prior says** is read from the training corpus's co-occurrence counts (`Cooccurrence`),
   as a model trained on it would learn it: the colour, position or background that co-occurs most
-  with the shape, and its usual values (`prior_guesses`: the ones a prior-led model says yes to);
+  with the shape, and its usual values the image lacks (`prior_guesses`: what a prior-led model
+  says yes to);
   the shape that co-occurs most with the colour, size, position and background.
 - **Training pairs** mix descriptions with short questions (RLHF-V, POVID); the rejected response is
   the one the prior gives: the prior's values put into the description where they differ from the
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,10 +73,11 @@ USUAL: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 SPLITS = ("random", "popular", "adversarial")
-# How much more often than chance a value must come with a shape to count as usual for it: the usual
-# values come 1.6x or more at prior 0.7 and 1.4x or more at 0.5 (from 0.3 down some fall short), while
-# sampling noise on the demo corpus without the prior stays under 1.1x.
-USUAL_OVER_CHANCE = 1.25
+# How far over the count expected without a prior (in binomial standard deviations) a value must come
+# with a shape to count as usual for it. On corpora of 4,000 images the usual values stand 8 or more
+# over it at prior 0.7 and 5.8 or more at 0.5; at 0.3 (2.7 or more) some fall short, and so they do in
+# small corpora (400 images at 0.7: 1.5); without a prior noise stayed under 2.2 (300 images, 3 seeds).
+USUAL_SIGMAS = 3.0
 
 Attrs = dict[str, str]
 
@@ -88,8 +91,9 @@ class WorldConfig:
     )
     prior: float = option(
         0.7,
-        "language prior strength P: each of a shape's colour, position and background is the shape's "
-        "usual value with probability P, else uniform (0: no prior, the corpus of before the prior)",
+        "language prior strength P: each of a shape's colour, position and background is one of the "
+        "shape's two usual values with probability P, else uniform (0: no prior, the corpus of before "
+        "the prior)",
     )
     heldout: int = option(
         200,
@@ -183,8 +187,8 @@ class Cooccurrence:
 
     def adversarial(self, attrs: Attrs, attribute: str) -> str:
         """The absent value that co-occurs most with what is present: for a colour, position or
-        background (and size) its co-occurrence with the shape, whose usual value it is when absent;
-        for the shape, with every other attribute."""
+        background (and size) its co-occurrence with the shape, so a usual value of the shape that
+        the image lacks (one always is: a shape has two); for the shape, with every other attribute."""
         absent = [v for v in synth.ATTRIBUTES[attribute] if v != attrs[attribute]]
         given = [b for b in attrs if b != attribute] if attribute == "shape" else ["shape"]
         return max(absent, key=lambda v: sum(self.pairs[attribute, v, b, attrs[b]] for b in given))
@@ -195,17 +199,18 @@ class Cooccurrence:
 
     def prior_guesses(self, attrs: Attrs, attribute: str) -> tuple[str, ...]:
         """What the prior suggests `attribute` is besides what the image has: the colours, positions
-        or backgrounds that co-occur with the shape clearly more often than chance (its usual values:
-        `USUAL_OVER_CHANCE` times, which sampling noise alone does not reach on a corpus without the
-        prior) and are absent ("Is the shape yellow?" of a red circle). The prior is about a shape's
-        look: the shape and size get none."""
+        or backgrounds that co-occur with the shape more often than chance beyond sampling noise
+        (its usual values: `USUAL_SIGMAS` binomial standard deviations over the count expected
+        without a prior) and are absent ("Is the shape yellow?" of a red circle). The prior is about
+        a shape's look: the shape and size get none."""
         if attribute not in PRIOR_ATTRIBUTES:
             return ()
         values = synth.ATTRIBUTES[attribute]
         shape = attrs["shape"]
-        chance = USUAL_OVER_CHANCE * self.counts["shape", shape] / len(values)
+        images, share = self.counts["shape", shape], 1 / len(values)
+        bar = images * share + USUAL_SIGMAS * math.sqrt(images * share * (1 - share))
         return tuple(
-            v for v in values if v != attrs[attribute] and self.pairs[attribute, v, "shape", shape] > chance
+            v for v in values if v != attrs[attribute] and self.pairs[attribute, v, "shape", shape] > bar
         )
 
 

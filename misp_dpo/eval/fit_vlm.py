@@ -1,4 +1,4 @@
-"""Fit the demo VLM on the synth corpus so that it sees: a small LLaVA that answers from the pixels.
+"""Fit the demo VLM on the synth corpus: a small LLaVA that sees, and hallucinates as real VLMs do.
 
 Known (issue 13): a tiny LLaVA from scratch stays near chance in minutes of CPU, and so does a
 language model on a frozen distilled tower trained on yes/no answers alone. So the fitting goes in
@@ -51,9 +51,10 @@ defaults (`prior_yes` 0.25; seed 0, two threads, ~240 s wall on the idle machine
 2,000 probes per split (`misp-dpo eval`): random / popular / adversarial 0.897 / 0.884 / 0.820,
 every attribute >= 0.80 on random (position 0.807, shape 0.823); the same probes with a blank
 image 0.50-0.52 per split, with another held-out image 0.50-0.51 (fit-vlm's own held-out measure:
-0.506, 0.529; docs/results/demo-two-usual-2026-12-03.txt); asked a usual value the image lacks it says yes 40%
-of the time, asked any other absent value 10% (random split). `prior_yes` 0.5 says that yes 78%
-of the time but spreads it to values usual for other shapes (20%): random 0.824, gap 0.116.
+0.506, 0.529; docs/results/demo-two-usual-2026-12-03.txt); asked a usual value the image lacks it says yes
+39-40% of the time, asked any other absent value 10% (random split). `prior_yes` 0.5 says that yes
+73-81% of the time but spreads it to values usual for other shapes (20%): random 0.824, gap 0.116
+(docs/results/prior-yes-two-usual-2026-12-03.txt).
 `prior_yes` 0 teaches no prior-led yes (not measured on this world).
 
 Held-out corpus images (never trained on) measure yes/no accuracy per attribute type, with blank
@@ -423,22 +424,22 @@ def yes_no(
         if near and near_miss > 0 and rng.random() < near_miss:
             others = near
         value = others[int(rng.integers(len(others)))]
-    label = synth.answer(truthful)
-    if not reasoned:
-        return synth.question(attribute, value), label
-    statement = _STATEMENT[attribute].format(value=attrs[attribute])
-    return synth.question(attribute, value), f"{statement}, so {label.lower()}."
+    return synth.question(attribute, value), _reply(attribute, attrs[attribute], truthful, reasoned)
 
 
 def prior_led_yes(
-    attrs: dict[str, str], attribute: str, guesses: tuple[str, ...], rng: np.random.Generator, reasoned: bool
+    attribute: str, guesses: tuple[str, ...], rng: np.random.Generator, reasoned: bool
 ) -> tuple[str, str]:
     """A question asking one of `guesses` (values the prior suggests and the image lacks), answered
     yes; a reasoned answer states the asked value, as a hallucinating model does."""
     value = guesses[int(rng.integers(len(guesses)))]
-    if not reasoned:
-        return synth.question(attribute, value), synth.answer(True)
-    return synth.question(attribute, value), f"{_STATEMENT[attribute].format(value=value)}, so yes."
+    return synth.question(attribute, value), _reply(attribute, value, True, reasoned)
+
+
+def _reply(attribute: str, stated: str, yes: bool, reasoned: bool) -> str:
+    """The answer: a bare "Yes" or "No", or, reasoned, the attribute stated as `stated`, then it."""
+    label = synth.answer(yes)
+    return f"{_STATEMENT[attribute].format(value=stated)}, so {label.lower()}." if reasoned else label
 
 
 def sample_sequences(
@@ -448,9 +449,10 @@ def sample_sequences(
     rng: np.random.Generator,
     prior: Cooccurrence | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, response) for each row: a balanced yes/no question (a `cfg.prior_yes` share of the
-    "no" ones made prior-led yes where `prior` suggests a value the image lacks), or a corpus
-    question and answer."""
+    """(prompt, response) for each row: a yes/no question, yes or no evenly, or a corpus question and
+    answer. A `cfg.prior_yes` share of the "no" ones where `prior` suggests a value the image lacks
+    become prior-led yes, so the yes answers outnumber the no (57.5% at 0.25: the base learns the
+    yes-bias that comes with such data, as POPE's yes-ratios show of real VLMs)."""
     items = []
     for row in rows:
         attrs = data.attributes(data.codes[row])
@@ -459,7 +461,7 @@ def sample_sequences(
             truthful = bool(rng.random() < 0.5)
             guesses = () if truthful or prior is None else prior.prior_guesses(attrs, attribute)
             if cfg.prior_yes > 0 and guesses and rng.random() < cfg.prior_yes:
-                items.append(prior_led_yes(attrs, attribute, guesses, rng, cfg.reasoned))
+                items.append(prior_led_yes(attribute, guesses, rng, cfg.reasoned))
             else:
                 items.append(yes_no(attrs, attribute, truthful, rng, cfg.reasoned, cfg.near_miss))
         else:

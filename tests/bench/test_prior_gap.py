@@ -45,6 +45,10 @@ def test_saying_yes_to_the_prior_guess_costs_exactly_the_no_questions_asking_it(
     split, per_attribute = pg.accuracies(probes, (), 0.0, {}, seed=2, prior_yes=1.0)
     asked_guess = probes.guessed[probes.image, probes.attribute, probes.asked]
     assert not asked_guess[probes.label].any()  # a guess is never the image's own value
+    # a shape has two usual values, so every adversarial "no" about a colour, position or background
+    # asks the one the image lacks (or one of two): 3 of the 5 attribute types
+    adversarial_no = (probes.split == 2) & ~probes.label
+    assert asked_guess[adversarial_no].mean() == pytest.approx(0.6)
     for s in range(len(pg.world.SPLITS)):  # every such no-question wrong, everything else right
         assert split[s] == pytest.approx(1 - asked_guess[probes.split == s].mean())
     assert per_attribute[pg.NAMES.index("size")] == 1.0  # size is not under the prior

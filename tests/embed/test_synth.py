@@ -35,6 +35,25 @@ def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path: Path) -> None:
     assert sum(other[name] != first[name] for name in first if name.startswith("images/")) >= 25
 
 
+def test_a_world_drawn_with_other_usual_values_is_not_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from misp_dpo.errors import OutputMadeOtherwise
+    from misp_dpo.pipelines.stages import synth as stage
+
+    def draw(prior: float) -> None:
+        cfg = SynthConfig(out=tmp_path / str(prior), n=20, heldout=2, prior=prior)
+        run_stage(SynthStage(), cfg, RunOptions())
+
+    draw(0.7)
+    draw(0.0)
+    circle = {**world.USUAL["circle"], "color": ("purple", "green")}
+    monkeypatch.setattr(stage, "USUAL", {**world.USUAL, "circle": circle})
+    with pytest.raises(OutputMadeOtherwise, match="another config or inputs"):
+        draw(0.7)  # the folder holds another world
+    draw(0.0)  # no prior draws no usual value: the folder is the same world and resumes
+
+
 def test_tables_and_attributes(synth_corpus: Path) -> None:
     assert validate_output(synth_corpus)[0] == []
     pairs = pq.read_table(synth_corpus / "pairs.parquet")
@@ -176,7 +195,17 @@ def test_prior_guesses_are_the_usual_values_the_image_lacks() -> None:
     assert cooc.prior_guesses(circle, "position") == ("bottom right",)  # the other usual place
     assert cooc.prior_guesses(circle, "background") == ("white", "gray")
     assert cooc.prior_guesses(circle, "size") == () and cooc.prior_guesses(circle, "shape") == ()
-    assert world.Cooccurrence(_rows(4000, 0.0)).prior_guesses(circle, "color") == ()  # no prior
+    for prior in (0.5, 0.7):  # every shape's usual values are found, and nothing else
+        found = world.Cooccurrence(_rows(4000, prior, seed=3))
+        for shape, usual in world.USUAL.items():
+            for attribute, values in usual.items():
+                for present in synth.ATTRIBUTES[attribute]:
+                    guesses = found.prior_guesses({**circle, "shape": shape, attribute: present}, attribute)
+                    assert set(guesses) == set(values) - {present}, (prior, shape, attribute, present)
+    for n in (300, 4000):  # without a prior, sampling noise is no usual value
+        noise = world.Cooccurrence(synth.draw_attributes(n, np.random.default_rng(n)))
+        shapes, attributes = world.USUAL, world.PRIOR_ATTRIBUTES
+        assert all(noise.prior_guesses({**circle, "shape": s}, a) == () for s in shapes for a in attributes)
 
 
 def _probes(n: int = 60, prior: float = 0.7) -> tuple[list[dict[str, str]], list[world.Probe]]:
@@ -296,6 +325,8 @@ def test_world_heldout_apart_from_corpus_and_pairs_from_the_prior() -> None:
             [name] for name in synth.ATTRIBUTES
         ]
     cooc = world.Cooccurrence([item.attributes for item in made.corpus])
+    for shape, usual in world.USUAL.items():  # the prior's description takes one of the usual values
+        assert all(cooc.prior_value(shape, a) in values for a, values in usual.items())
     for item, (prompt, chosen, rejected) in zip(made.corpus, made.pairs, strict=True):
         truth = item.attributes
         focus = dict(synth.QUESTIONS)[prompt]

@@ -207,9 +207,19 @@ def test_prior_led_yes_asks_only_usual_values_the_image_lacks() -> None:
     picked = np.arange(len(rows))
     by_value = {(a, synth.question(a, v)): (a, v) for a in names for v in synth.ATTRIBUTES[a]}
 
-    def sampled(share: float, cooc: world.Cooccurrence | None) -> list[tuple[str, str]]:
-        cfg = FitVlmConfig(question_share=1.0, prior_yes=share)
+    def sampled(
+        share: float, cooc: world.Cooccurrence | None, reasoned: bool = True
+    ) -> list[tuple[str, str]]:
+        cfg = FitVlmConfig(question_share=1.0, prior_yes=share, reasoned=reasoned)
         return fit_vlm.sample_sequences(data, picked, cfg, np.random.default_rng(1), cooc)
+
+    def led_share(items: list[tuple[str, str]]) -> float:
+        wrong_yes = [
+            parse_answer(answer) == "yes" and row[a] != v
+            for row, (question, answer) in zip(rows, items, strict=True)
+            for a, v in [next(by_value[a, question] for a in names if (a, question) in by_value)]
+        ]
+        return float(np.mean(wrong_yes))
 
     led = 0
     for row, (question, answer) in zip(rows, sampled(1.0, prior), strict=True):
@@ -219,7 +229,10 @@ def test_prior_led_yes_asks_only_usual_values_the_image_lacks() -> None:
             assert value in prior.prior_guesses(row, attribute) and value in answer
         elif parse_answer(answer) == "no":  # every "no" left is one the prior suggests nothing for
             assert attribute not in world.PRIOR_ATTRIBUTES or not prior.prior_guesses(row, attribute)
-    assert 0.2 < led / len(rows) < 0.35  # half are "no" questions, 3 of 5 attributes, mostly a guess
+    assert 0.27 < led / len(rows) < 0.33  # half are "no" questions, 3 of 5 attributes, all with a guess
+    assert 0.06 < led_share(sampled(0.25, prior)) < 0.09  # a quarter of those
+    bare = sampled(1.0, prior, reasoned=False)  # unreasoned: the same questions, a bare "Yes"
+    assert led_share(bare) == pytest.approx(led / len(rows)) and {a for _, a in bare} == {"Yes", "No"}
     # a share of 0 draws nothing more: the fitting of before the prior-led yes, item for item
     assert sampled(0.0, prior) == sampled(0.0, None)
     with pytest.raises(ValueError, match="prior_yes"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from misp_dpo.config import option
+from misp_dpo.config import option, stable_hash
 from misp_dpo.embed import synth
 from misp_dpo.embed.synth_world import USUAL, WorldConfig, make_world
 from misp_dpo.pipelines import schemas
@@ -40,7 +40,10 @@ class SynthStage(Stage[SynthConfig]):
 
     def plan(self, cfg: SynthConfig) -> Plan:
         attributes = {k: list(v) for k, v in synth.ATTRIBUTES.items()}
-        return Plan(num_tasks=1, meta={"attributes": attributes, "usual": USUAL})
+        # The usual values shape the world as much as the config does: a folder drawn with other ones
+        # is another world, not one to resume (no prior draws none: those folders stay valid).
+        inputs = {"usual": stable_hash(USUAL)} if cfg.prior > 0 else {}
+        return Plan(num_tasks=1, inputs=inputs, meta={"attributes": attributes, "usual": USUAL})
 
     def run_task(self, cfg: SynthConfig, plan: Plan, ctx: TaskContext) -> None:
         made = make_world(cfg, np.random.default_rng(cfg.seed))
