@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,16 +159,30 @@ def test_popular_is_the_most_frequent_absent_value() -> None:
     assert cooc.popular(blue, "size") == "large"
 
 
-def test_adversarial_picks_a_usual_value_of_the_shape() -> None:
-    cooc = world.Cooccurrence(_rows(4000, 0.7))
+def _every_value_of_every_shape(
+    base: dict[str, str],
+) -> Iterator[tuple[dict[str, str], str, tuple[str, ...]]]:
+    """`base` made each shape with each value of each prior attribute: (image, attribute, the shape's
+    usual values of it)."""
     for shape, usual in world.USUAL.items():
         for attribute, values in usual.items():
             for present in synth.ATTRIBUTES[attribute]:
-                attrs = {"shape": shape, "color": "purple", "size": "small", "position": "top left"}
-                attrs = {**attrs, "background": "black", attribute: present}
-                picked = cooc.adversarial(attrs, attribute)
-                # two usual values and one present: one is always absent, and it is asked
-                assert picked != present and picked in values, (shape, attribute, present, picked)
+                yield {**base, "shape": shape, attribute: present}, attribute, values
+
+
+def test_adversarial_picks_a_usual_value_of_the_shape() -> None:
+    cooc = world.Cooccurrence(_rows(4000, 0.7))
+    base = {
+        "shape": "circle",
+        "color": "purple",
+        "size": "small",
+        "position": "top left",
+        "background": "black",
+    }
+    for attrs, attribute, values in _every_value_of_every_shape(base):
+        picked = cooc.adversarial(attrs, attribute)
+        # two usual values and one present: one is always absent, and it is asked
+        assert picked != attrs[attribute] and picked in values, (attrs, attribute, picked)
     # the shape: the one whose usual colour, position and background are in the image
     squareish = {
         "shape": "circle",
@@ -197,11 +212,9 @@ def test_prior_guesses_are_the_usual_values_the_image_lacks() -> None:
     assert cooc.prior_guesses(circle, "size") == () and cooc.prior_guesses(circle, "shape") == ()
     for prior in (0.5, 0.7):  # every shape's usual values are found, and nothing else
         found = world.Cooccurrence(_rows(4000, prior, seed=3))
-        for shape, usual in world.USUAL.items():
-            for attribute, values in usual.items():
-                for present in synth.ATTRIBUTES[attribute]:
-                    guesses = found.prior_guesses({**circle, "shape": shape, attribute: present}, attribute)
-                    assert set(guesses) == set(values) - {present}, (prior, shape, attribute, present)
+        for attrs, attribute, values in _every_value_of_every_shape(circle):
+            guesses = found.prior_guesses(attrs, attribute)
+            assert set(guesses) == set(values) - {attrs[attribute]}, (prior, attrs, attribute)
     for n in (300, 4000):  # without a prior, sampling noise is no usual value
         noise = world.Cooccurrence(synth.draw_attributes(n, np.random.default_rng(n)))
         shapes, attributes = world.USUAL, world.PRIOR_ATTRIBUTES

@@ -205,7 +205,8 @@ def test_prior_led_yes_asks_only_usual_values_the_image_lacks() -> None:
     )
     prior = world.Cooccurrence(rows)
     picked = np.arange(len(rows))
-    by_value = {(a, synth.question(a, v)): (a, v) for a in names for v in synth.ATTRIBUTES[a]}
+    asking = {synth.question(a, v): (a, v) for a in names for v in synth.ATTRIBUTES[a]}  # one each
+    assert len(asking) == sum(len(values) for values in synth.ATTRIBUTES.values())
 
     def sampled(
         share: float, cooc: world.Cooccurrence | None, reasoned: bool = True
@@ -213,26 +214,27 @@ def test_prior_led_yes_asks_only_usual_values_the_image_lacks() -> None:
         cfg = FitVlmConfig(question_share=1.0, prior_yes=share, reasoned=reasoned)
         return fit_vlm.sample_sequences(data, picked, cfg, np.random.default_rng(1), cooc)
 
-    def led_share(items: list[tuple[str, str]]) -> float:
-        wrong_yes = [
-            parse_answer(answer) == "yes" and row[a] != v
+    def wrong_yes(items: list[tuple[str, str]]) -> list[bool]:
+        return [
+            parse_answer(answer) == "yes" and row[asking[question][0]] != asking[question][1]
             for row, (question, answer) in zip(rows, items, strict=True)
-            for a, v in [next(by_value[a, question] for a in names if (a, question) in by_value)]
         ]
-        return float(np.mean(wrong_yes))
 
-    led = 0
-    for row, (question, answer) in zip(rows, sampled(1.0, prior), strict=True):
-        attribute, value = next(by_value[a, question] for a in names if (a, question) in by_value)
-        if parse_answer(answer) == "yes" and value != row[attribute]:  # a prior-led yes
-            led += 1
+    def led_share(items: list[tuple[str, str]]) -> float:
+        return float(np.mean(wrong_yes(items)))
+
+    every = sampled(1.0, prior)
+    for row, (question, answer), led_yes in zip(rows, every, wrong_yes(every), strict=True):
+        attribute, value = asking[question]
+        if led_yes:  # a prior-led yes
             assert value in prior.prior_guesses(row, attribute) and value in answer
         elif parse_answer(answer) == "no":  # every "no" left is one the prior suggests nothing for
             assert attribute not in world.PRIOR_ATTRIBUTES or not prior.prior_guesses(row, attribute)
-    assert 0.27 < led / len(rows) < 0.33  # half are "no" questions, 3 of 5 attributes, all with a guess
+    led = led_share(every)
+    assert 0.27 < led < 0.33  # half are "no" questions, 3 of 5 attributes, all with a guess
     assert 0.06 < led_share(sampled(0.25, prior)) < 0.09  # a quarter of those
     bare = sampled(1.0, prior, reasoned=False)  # unreasoned: the same questions, a bare "Yes"
-    assert led_share(bare) == pytest.approx(led / len(rows)) and {a for _, a in bare} == {"Yes", "No"}
+    assert led_share(bare) == pytest.approx(led) and {a for _, a in bare} == {"Yes", "No"}
     # a share of 0 draws nothing more: the fitting of before the prior-led yes, item for item
     assert sampled(0.0, prior) == sampled(0.0, None)
     with pytest.raises(ValueError, match="prior_yes"):
